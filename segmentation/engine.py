@@ -1,0 +1,313 @@
+"""The engine: embed a picture once, segment it from point prompts again and again.
+
+    segmenter = Segmenter.from_pretrained("syscv-community/sam-hq-vit-base")
+    embedding = segmenter.embed("photo.jpg")          # seconds on a CPU, cached
+    result = segmenter.segment(embedding, [[[120, 80]], [[300, 200], [320, 260]]])
+    result.label_maps[0]                              # HxW uint8: 0 background, 1, 2 objects
+
+As with `SamPredictor.set_image()` / `predict()`, the split is explicit: `embed()` computes
+and caches what depends on the picture alone, `segment()` runs only the prompt decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import decoder as dec
+from .cache import CacheStats, EmbeddingCache
+from .errors import InvalidPromptError, ModelUnavailableError, ResourceExhaustedError
+from .images import DEFAULT_MAX_PIXELS, ImageInput, image_size, load_image, pixel_hash
+from .masks import ObjectStats, compose_label_map, object_stats, to_numpy_labels
+from .models import LoadedModel, half_precision_candidate, load_model, parse_dtype, resolve_device
+from .prompts import Prompt, padded_arrays, parse_prompt, to_model_coordinates
+
+log = logging.getLogger(__name__)
+
+MAX_CANDIDATES = 3
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    """Everything the decoder needs of one picture. Immutable and shared between callers."""
+
+    model_id: str
+    key: str  # pixel hash of the decoded RGB picture
+    original_size: tuple[int, int]  # (height, width) of the upright picture
+    resized_size: tuple[int, int]  # (height, width) inside the model's 1024 frame
+    image_embeddings: torch.Tensor  # (1, C, 64, 64)
+    hq_features: torch.Tensor | None  # (1, C/8, 256, 256) picture-only HQ features (SAM-HQ)
+
+    @property
+    def width(self) -> int:
+        return self.original_size[1]
+
+    @property
+    def height(self) -> int:
+        return self.original_size[0]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.image_embeddings] + ([self.hq_features] if self.hq_features is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def grid_tokens(self) -> int:
+        """Image tokens: cells of the embedding grid (64×64 for every published checkpoint)."""
+        return int(self.image_embeddings.shape[-1] * self.image_embeddings.shape[-2])
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    value: int  # its value in the label map
+    score: float  # predicted IoU of the chosen candidate
+    area: int
+    bbox: tuple[int, int, int, int] | None  # x0, y0, x1, y1 inclusive
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    labels: np.ndarray  # (H, W) uint8 / uint16
+    objects: tuple[ObjectResult, ...]
+
+    @property
+    def score(self) -> float:
+        """Mean predicted IoU of its objects."""
+        return float(np.mean([obj.score for obj in self.objects])) if self.objects else 0.0
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    candidates: tuple[LabelMap, ...]  # n label maps, best first
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def label_maps(self) -> list[np.ndarray]:
+        return [candidate.labels for candidate in self.candidates]
+
+    @property
+    def best(self) -> LabelMap:
+        return self.candidates[0]
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """Host RAM is plentiful next to a GPU's; a ViT-B entry is ~12 MB in float32."""
+    return (2048 if device.type == "cuda" else 1024) * MiB
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError) or isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+class Segmenter:
+    """One loaded model, its embedding cache, and the embed/segment operations.
+
+    Thread-safe: encodes run one at a time (they are the memory peak); decodes run
+    alongside them, so a click on a cached picture never queues behind another picture's encode.
+    """
+
+    def __init__(self, loaded: LoadedModel, cache: EmbeddingCache | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.cache: EmbeddingCache[Embedding] = (
+            cache if cache is not None else EmbeddingCache(default_cache_bytes(loaded.device))
+        )
+        self.max_pixels = max_pixels
+        self.hq = dec.is_hq(self.model)
+        self._positional = dec.image_positional_embeddings(self.model)
+        self._encode_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_bytes: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Segmenter:
+        """Load `name` (hub id or folder). dtype `auto`: float32 on CPU; on GPU the half precision
+        whose masks agree with float32 on a test picture, else float32."""
+        torch_device = resolve_device(device)
+        explicit = parse_dtype(dtype)
+        loaded = load_model(name, torch_device, explicit)
+        cache = EmbeddingCache(cache_bytes if cache_bytes is not None else default_cache_bytes(torch_device))
+        segmenter = cls(loaded, cache, max_pixels)
+        if explicit is None:
+            candidate = half_precision_candidate(torch_device)
+            if candidate is not None:
+                segmenter = segmenter.with_precision_if_agreeing(candidate)
+        return segmenter
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.id
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loaded.dtype
+
+    # ---- pictures -------------------------------------------------------------------------
+
+    def prepare(self, image: ImageInput | np.ndarray) -> np.ndarray:
+        """Decode any accepted input to the upright RGB array that prompts refer to."""
+        return load_image(image, self.max_pixels)
+
+    def cache_key(self, rgb: np.ndarray) -> str:
+        return f"{self.model_id}|{str(self.dtype).replace('torch.', '')}|{pixel_hash(rgb)}"
+
+    def embed(self, image: ImageInput) -> Embedding:
+        """The picture's embedding, from the cache or by running the encoder once."""
+        return self.embed_with_info(image)[0]
+
+    def embed_with_info(self, image: ImageInput, *, key: str | None = None) -> tuple[Embedding, bool]:
+        """(embedding, was_cached). `key` skips hashing when the caller already knows it."""
+        rgb = self.prepare(image)
+        key = key or self.cache_key(rgb)
+        return self.cache.get_or_compute(key, lambda: self._encode(rgb, key))
+
+    def cached(self, key: str) -> Embedding | None:
+        """The embedding under `key` if it is still cached (no hashing, no encode)."""
+        return self.cache.get(key)
+
+    def _encode(self, rgb: np.ndarray, key: str) -> Embedding:
+        with self._encode_lock:
+            try:
+                return self._encode_unlocked(rgb, key)
+            except Exception as error:
+                if _is_out_of_memory(error):
+                    freed = self.cache.shed(0.5)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    log.warning("out of memory while encoding; shed %.1f MB of cache", freed / MiB)
+                    raise ResourceExhaustedError(
+                        "The server ran out of memory while processing the picture; try again or use a smaller picture."
+                    ) from error
+                raise
+
+    def _encode_unlocked(self, rgb: np.ndarray, key: str) -> Embedding:
+        inputs = self.loaded.processor.image_processor(images=rgb, return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        image_embeddings, vit_features = dec.encode(self.model, pixel_values)
+        hq_features = dec.hq_picture_features(self.model, image_embeddings, vit_features) if self.hq else None
+        original = tuple(int(v) for v in inputs["original_sizes"][0])
+        resized = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
+        return Embedding(self.model_id, key, original, resized, image_embeddings, hq_features)
+
+    # ---- prompts --------------------------------------------------------------------------
+
+    def parse(self, embedding: Embedding, points: Any, labels: Any = None, **limits: int) -> Prompt:
+        return parse_prompt(points, labels, width=embedding.width, height=embedding.height, **limits)
+
+    def segment(
+        self,
+        embedding: Embedding,
+        prompt: Prompt | Sequence,
+        labels: Any = None,
+        *,
+        candidates: int = 1,
+        hq_token_only: bool = False,
+    ) -> Segmentation:
+        """Decode every object of `prompt` in one batched call and compose `candidates` label maps.
+
+        `prompt` is a Prompt or nested lists `[[[x, y], ...], ...]` (then `labels` may give 1/0 per point).
+        """
+        if embedding.model_id != self.model_id:
+            raise ValueError(f"This embedding was made by {embedding.model_id!r}, not {self.model_id!r}")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+            raise InvalidPromptError(
+                f"candidates (n) must be an integer from 1 to {MAX_CANDIDATES}, got {candidates!r}.", param="n"
+            )
+        if not isinstance(prompt, Prompt):
+            prompt = self.parse(embedding, prompt, labels)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        points, point_labels = padded_arrays(prompt)
+        model_points = to_model_coordinates(points, embedding.original_size, embedding.resized_size)
+        points_t = torch.as_tensor(model_points, dtype=self.dtype, device=self.device)
+        labels_t = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
+        ambiguous = torch.tensor([obj.ambiguous for obj in prompt.objects], device=self.device)
+        output = dec.decode(
+            self.model, embedding.image_embeddings, embedding.hq_features, self._positional, points_t, labels_t
+        )
+        ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only and self.hq)
+        scores = ranked.scores.float().cpu().numpy()
+        timings["decoder"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        maps = []
+        for i in range(candidates):
+            labels_map = compose_label_map(ranked.logits[:, i], embedding.resized_size, embedding.original_size)
+            stats = object_stats(labels_map, len(prompt))
+            objects = tuple(self._object_result(s, float(scores[s.value - 1, i])) for s in stats)
+            maps.append(LabelMap(to_numpy_labels(labels_map, len(prompt)), objects))
+        timings["postprocess"] = time.perf_counter() - start
+        return Segmentation(candidates=tuple(maps), timings=timings)
+
+    @staticmethod
+    def _object_result(stats: ObjectStats, score: float) -> ObjectResult:
+        return ObjectResult(value=stats.value, score=score, area=stats.area, bbox=stats.bbox)
+
+    def segment_image(self, image: ImageInput, points: Sequence, labels: Any = None, **options: Any) -> Segmentation:
+        """Embed (cached) and segment in one call, for notebooks and scripts."""
+        return self.segment(self.embed(image), points, labels, **options)
+
+    # ---- precision ------------------------------------------------------------------------
+
+    def with_precision_if_agreeing(self, dtype: torch.dtype, min_iou: float = 0.98) -> Segmenter:
+        """A Segmenter in `dtype` if its masks agree with float32 on a test picture, else self."""
+        from .precision import masks_agree
+
+        try:
+            loaded = load_model(self.model_id, self.device, dtype)
+        except ModelUnavailableError:
+            return self
+        candidate = Segmenter(loaded, EmbeddingCache(self.cache.max_bytes), self.max_pixels)
+        agree, iou = masks_agree(self, candidate, min_iou)
+        log.info(
+            "%s: %s masks agree with float32 at IoU %.4f: %s",
+            self.model_id,
+            dtype,
+            iou,
+            "using it" if agree else "keeping float32",
+        )
+        return candidate if agree else self
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats()
+
+
+def describe(segmenter: Segmenter) -> dict[str, Any]:
+    """Facts for status lines and logs."""
+    return {
+        "model": segmenter.model_id,
+        "device": str(segmenter.device),
+        "dtype": str(segmenter.dtype).replace("torch.", ""),
+        "hq": segmenter.hq,
+    }
+
+
+__all__ = [
+    "Embedding",
+    "LabelMap",
+    "ObjectResult",
+    "Segmentation",
+    "Segmenter",
+    "describe",
+    "image_size",
+]

@@ -1,0 +1,136 @@
+"""Turning whatever a caller hands us into the upright RGB picture a person sees.
+
+Coordinates refer to that picture, so EXIF orientation is applied before anything else,
+and the pixel limit is checked from the header, before the pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageTooLargeError, InvalidImageError
+
+ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndarray
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Our own limit decides; Pillow's bomb warning/error would fire at other thresholds.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"The picture has no pixels ({width}x{height}).", param="image")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"The picture is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+            f"the limit is {max_pixels / 1e6:g} megapixels. Scale it down and try again.",
+            param="image",
+        )
+
+
+def _open(source: bytes | str | Path) -> Image.Image:
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        return Image.open(stream)
+    except UnidentifiedImageError as error:
+        raise InvalidImageError("The data is not a picture in a format Pillow can read.", param="image") from error
+    except FileNotFoundError as error:
+        raise InvalidImageError(f"No picture file at {str(source)!r}.", param="image") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InvalidImageError(f"The picture could not be read: {error}.", param="image") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Every mode to 8-bit RGB; transparency is flattened onto white, as a viewer shows it."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max(initial=0)
+        # I;16 is 16-bit by definition; a plain 32-bit "I" may hold 8-bit, 16-bit or wider values.
+        if image.mode.startswith("I;16") or 255 < peak <= 65535:
+            scale = 257.0
+        else:
+            scale = max(1.0, peak / 255.0)
+        image = Image.fromarray(np.clip(array / scale, 0, 255).round().astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        span = (high - low) or 1.0
+        image = Image.fromarray(((np.nan_to_num(array, nan=low) - low) / span * 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise InvalidImageError(
+            f"An array picture must be HxW, HxWx3 or HxWx4; got shape {tuple(array.shape)}.", param="image"
+        )
+    _check_size(array.shape[1], array.shape[0], max_pixels)
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InvalidImageError("An array picture contains NaN or infinite values.", param="image")
+        array = np.clip(array * 255.0 if array.max(initial=0) <= 1.0 else array, 0, 255).round().astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.float64) / 257.0).round().astype(np.uint8)
+    else:
+        raise InvalidImageError(f"Unsupported array dtype {array.dtype}; use uint8, uint16 or float.", param="image")
+    return np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(array))))
+
+
+def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An upright HxWx3 uint8 RGB array from bytes, a path, a PIL image or an array."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, (bytes, bytearray, memoryview, str, Path)):
+        image = _open(source)
+    else:
+        raise InvalidImageError(
+            f"Unsupported picture type {type(source).__name__}; pass bytes, a path, a PIL image or a numpy array.",
+            param="image",
+        )
+    _check_size(*image.size, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(upright)
+            array = np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise InvalidImageError(
+            f"The picture is damaged or truncated and could not be decoded ({error}).", param="image"
+        ) from error
+    return np.ascontiguousarray(array)
+
+
+def image_size(array: np.ndarray) -> tuple[int, int]:
+    """(width, height) of an HxWxC array, the order people and the API use."""
+    return int(array.shape[1]), int(array.shape[0])
+
+
+def pixel_hash(rgb: np.ndarray) -> str:
+    """A digest of the decoded pixels: the same picture from any source shares one cache entry."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(rgb.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(rgb).data)
+    return digest.hexdigest()

@@ -1,0 +1,65 @@
+"""Configuration from environment variables, with the documented defaults in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .models import DEFAULT_MODEL_ID
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(float(raw))
+    except ValueError as error:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from error
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the engine and the server. `Settings.from_env()` reads them."""
+
+    model: str = DEFAULT_MODEL_ID  # SAMHQ_MODEL: the model the UI starts with
+    models: tuple[str, ...] = ()  # SAMHQ_MODELS: comma-separated served models (default: SAMHQ_MODEL)
+    device: str = "auto"  # SAMHQ_DEVICE: auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # SAMHQ_DTYPE: auto | float32 | bfloat16 | float16
+    cache_mb: int = 0  # SAMHQ_CACHE_MB: embedding cache bound; 0 = per-device default
+    max_pixels: int = 40_000_000  # SAMHQ_MAX_PIXELS
+    max_objects: int = 255  # SAMHQ_MAX_OBJECTS
+    max_points: int = 64  # SAMHQ_MAX_POINTS: per object
+    max_body_mb: int = 32  # SAMHQ_MAX_BODY_MB: HTTP request body
+    max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
+    preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        return self.models or (self.model,)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        model = os.environ.get("SAMHQ_MODEL", "").strip() or DEFAULT_MODEL_ID
+        models = tuple(_env_list("SAMHQ_MODELS"))
+        if models and model not in models:
+            models = (model, *models)
+        return cls(
+            model=model,
+            models=models,
+            device=os.environ.get("SAMHQ_DEVICE", "auto").strip() or "auto",
+            dtype=os.environ.get("SAMHQ_DTYPE", "auto").strip() or "auto",
+            cache_mb=_env_int("SAMHQ_CACHE_MB", 0),
+            max_pixels=_env_int("SAMHQ_MAX_PIXELS", 40_000_000),
+            max_objects=_env_int("SAMHQ_MAX_OBJECTS", 255),
+            max_points=_env_int("SAMHQ_MAX_POINTS", 64),
+            max_body_mb=_env_int("SAMHQ_MAX_BODY_MB", 32),
+            max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
+            api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
+            preload_examples=os.environ.get("SAMHQ_PRELOAD_EXAMPLES", "1").strip().lower() not in ("0", "false", "no"),
+        )

@@ -1,0 +1,135 @@
+"""The embedding cache: byte bound, LRU order, single-flight, counters, no crosstalk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from conftest import make_picture
+
+from segmentation import EmbeddingCache
+
+
+@dataclass
+class Blob:
+    name: str
+    nbytes: int
+
+
+def test_lru_order_and_byte_bound_under_churn():
+    cache = EmbeddingCache(max_bytes=100)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        key = int(rng.integers(0, 30))
+        if cache.get(key) is None:
+            cache.put(key, Blob(str(key), int(rng.integers(1, 40))))
+        assert cache.stats().bytes <= 100
+    stats = cache.stats()
+    assert stats.hits + stats.misses == 500
+    assert stats.evictions > 0
+
+
+def test_least_recently_used_goes_first():
+    cache = EmbeddingCache(max_bytes=30)
+    for key in "abc":
+        cache.put(key, Blob(key, 10))
+    cache.get("a")  # a is now the most recent
+    cache.put("d", Blob("d", 10))
+    assert cache.keys() == ["c", "a", "d"]
+    assert "b" not in cache
+    assert cache.stats().evictions == 1
+
+
+def test_value_larger_than_the_bound_is_returned_but_not_kept():
+    cache = EmbeddingCache(max_bytes=10)
+    value, cached = cache.get_or_compute("big", lambda: Blob("big", 11))
+    assert value.name == "big" and not cached
+    assert len(cache) == 0
+
+
+def test_single_flight_runs_compute_once_for_concurrent_callers():
+    cache = EmbeddingCache(max_bytes=1000)
+    calls = []
+    gate = threading.Event()
+
+    def compute():
+        calls.append(1)
+        gate.wait(5)
+        return Blob("x", 10)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(cache.get_or_compute, "k", compute) for _ in range(8)]
+        time.sleep(0.2)
+        gate.set()
+        results = [f.result() for f in futures]
+    assert len(calls) == 1
+    assert sum(1 for _, cached in results if not cached) == 1
+    assert all(value is results[0][0] for value, _ in results)
+
+
+def test_a_failed_compute_reaches_every_waiter_and_is_not_cached():
+    cache = EmbeddingCache(max_bytes=1000)
+    gate = threading.Event()
+
+    def failing():
+        gate.wait(5)
+        raise RuntimeError("encoder broke")
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(cache.get_or_compute, "k", failing) for _ in range(4)]
+        time.sleep(0.2)
+        gate.set()
+        for future in futures:
+            with pytest.raises(RuntimeError, match="encoder broke"):
+                future.result()
+    value, cached = cache.get_or_compute("k", lambda: Blob("ok", 1))
+    assert value.name == "ok" and not cached
+
+
+def test_shed_frees_the_oldest_half():
+    cache = EmbeddingCache(max_bytes=100)
+    for key in "abcd":
+        cache.put(key, Blob(key, 10))
+    assert cache.shed(0.5) == 20
+    assert cache.keys() == ["c", "d"]
+
+
+def test_segmenter_encodes_once_for_concurrent_requests_of_one_picture(segmenter):
+    picture = make_picture(96, 64, seed=11)
+    segmenter.cache.clear()
+    encodes = []
+    original = segmenter._encode_unlocked
+
+    def counting(rgb, key):
+        encodes.append(key)
+        time.sleep(0.3)
+        return original(rgb, key)
+
+    segmenter._encode_unlocked = counting
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            embeddings = list(pool.map(lambda _: segmenter.embed(picture), range(6)))
+    finally:
+        del segmenter._encode_unlocked
+    assert len(encodes) == 1
+    assert all(e is embeddings[0] for e in embeddings)
+
+
+def test_no_crosstalk_between_pictures_under_threads(segmenter):
+    pictures = [make_picture(80 + 8 * i, 60 + 4 * i, seed=20 + i) for i in range(5)]
+    prompts = [[[[10 + i, 12]], [[30, 20 + i], [40, 25]]] for i in range(5)]
+    expected = [segmenter.segment(segmenter.embed(p), q).best.labels for p, q in zip(pictures, prompts)]
+    segmenter.cache = EmbeddingCache(max_bytes=3 * segmenter.embed(pictures[0]).nbytes)  # forces evictions
+
+    def job(i):
+        return i, segmenter.segment(segmenter.embed(pictures[i % 5]), prompts[i % 5]).best.labels
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, labels in pool.map(job, range(30)):
+            np.testing.assert_array_equal(labels, expected[i % 5])
+    assert segmenter.cache.stats().evictions > 0
+    assert segmenter.cache.stats().bytes <= segmenter.cache.max_bytes

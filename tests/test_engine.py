@@ -1,0 +1,203 @@
+"""The engine against references computed with transformers directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_picture
+from reference import PAD, reference_label_map, reference_object_logits
+
+from segmentation import InvalidPromptError
+from segmentation import decoder as dec
+from segmentation.prompts import padded_arrays, parse_prompt, to_model_coordinates
+
+# Non-square picture; one-point and several-point objects; exclude points; objects that overlap.
+PROMPT = [[[60, 70]], [[100, 80], [130, 95], [20, 150]], [[230, 120], [250, 60]], [[70, 75]]]
+LABELS = [[1], [1, 1, 0], [1, 0], [1]]
+
+
+def _our_logits(segmenter, embedding, prompt, labels, hq_token_only=False):
+    """Our cached, batched decode, upscaled: one (K, H, W) array per object."""
+    parsed = parse_prompt(prompt, labels, width=embedding.width, height=embedding.height)
+    points, point_labels = padded_arrays(parsed)
+    model_points = to_model_coordinates(points, embedding.original_size, embedding.resized_size)
+    output = dec.decode(
+        segmenter.model,
+        embedding.image_embeddings,
+        embedding.hq_features,
+        segmenter._positional,
+        torch.tensor(model_points, dtype=torch.float32),
+        torch.tensor(point_labels),
+    )
+    ranked = dec.rank_candidates(output, torch.tensor([o.ambiguous for o in parsed.objects]), hq_token_only)
+    result = []
+    for i in range(len(prompt)):
+        count = int(ranked.counts[i])
+        logits = dec.upscale_logits(ranked.logits[i, :count], embedding.resized_size, embedding.original_size)
+        result.append((logits.numpy(), ranked.scores[i, :count].numpy()))
+    return result
+
+
+@pytest.mark.parametrize("family", ["hq", "sam"])
+@pytest.mark.parametrize("hq_token_only", [False, True])
+def test_cached_decode_equals_uncached_full_forward(family, hq_token_only, segmenter, sam_segmenter):
+    seg = segmenter if family == "hq" else sam_segmenter
+    if family == "sam" and hq_token_only:
+        pytest.skip("hq_token_only is a SAM-HQ option")
+    rgb = make_picture(320, 200)
+    embedding = seg.embed(rgb)
+    pad_to = max(len(obj) for obj in PROMPT)
+    ours = _our_logits(seg, embedding, PROMPT, LABELS, hq_token_only)
+    for (logits, scores), obj, labels in zip(ours, PROMPT, LABELS):
+        ref_logits, ref_scores = reference_object_logits(
+            seg.model, seg.loaded.processor, rgb, obj, labels, pad_to, hq_token_only=hq_token_only
+        )
+        assert np.abs(ref_logits).max() > 0.1, "logits too small for the tolerance to mean anything"
+        assert logits.shape == ref_logits.shape
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(logits > 0, ref_logits > 0)
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["hq", "sam"])
+def test_label_map_equals_per_object_reference(family, segmenter, sam_segmenter):
+    seg = segmenter if family == "hq" else sam_segmenter
+    rgb = make_picture(320, 200, seed=3)
+    result = seg.segment(seg.embed(rgb), PROMPT, LABELS, candidates=3)
+    pad_to = max(len(obj) for obj in PROMPT)
+    refs = [
+        reference_object_logits(seg.model, seg.loaded.processor, rgb, o, lab, pad_to) for o, lab in zip(PROMPT, LABELS)
+    ]
+    assert (np.stack([r[0][0] > 0 for r in refs]).sum(axis=0) >= 2).any(), "the prompt must make objects overlap"
+    for i, candidate in enumerate(result.candidates):
+        chosen = [logits[min(i, len(logits) - 1)] for logits, _ in refs]
+        expected = reference_label_map(chosen)
+        assert candidate.labels.shape == (200, 320)
+        assert candidate.labels.dtype == np.uint8
+        np.testing.assert_array_equal(candidate.labels, expected)
+        for obj, (_, scores) in zip(candidate.objects, refs):
+            assert obj.score == pytest.approx(float(scores[min(i, len(scores) - 1)]), abs=1e-5)
+            mask = candidate.labels == obj.value
+            assert obj.area == int(mask.sum())
+            if obj.area:
+                ys, xs = np.nonzero(mask)
+                assert obj.bbox == (xs.min(), ys.min(), xs.max(), ys.max())
+            else:
+                assert obj.bbox is None
+
+
+def test_objects_of_equal_length_need_no_padding(segmenter):
+    """Without padding, the batched decode equals transformers' own unpadded single-object call."""
+    rgb = make_picture(200, 260, seed=5)
+    prompt = [[[30, 40], [50, 60]], [[150, 200], [120, 180]]]
+    labels = [[1, 0], [1, 1]]
+    ours = _our_logits(segmenter, segmenter.embed(rgb), prompt, labels)
+    for (logits, _), obj, obj_labels in zip(ours, prompt, labels):
+        ref, _ = reference_object_logits(segmenter.model, segmenter.loaded.processor, rgb, obj, obj_labels, pad_to=2)
+        np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+
+
+def test_all_objects_go_through_the_decoder_in_one_call(segmenter, picture):
+    calls = []
+    handle = segmenter.model.mask_decoder.transformer.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        segmenter.segment(segmenter.embed(picture), PROMPT, LABELS, candidates=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_candidates_rank_by_predicted_iou_and_single_masks_repeat(segmenter, picture):
+    result = segmenter.segment(segmenter.embed(picture), PROMPT, LABELS, candidates=3)
+    assert len(result.candidates) == 3
+    first, second, third = result.candidates
+    # object 1 is a single point: three distinct candidates in descending score
+    scores = [c.objects[0].score for c in result.candidates]
+    assert scores == sorted(scores, reverse=True)
+    # object 2 has several points: one mask, repeated
+    assert first.objects[1].score == second.objects[1].score == third.objects[1].score
+    assert first.score == pytest.approx(np.mean([o.score for o in first.objects]))
+
+
+def test_hq_token_only_gives_one_mask_per_object_with_its_best_score(segmenter, picture):
+    embedding = segmenter.embed(picture)
+    result = segmenter.segment(embedding, [[[60, 70]]], candidates=3, hq_token_only=True)
+    maps = result.label_maps
+    assert all((m == maps[0]).all() for m in maps)
+    default = segmenter.segment(embedding, [[[60, 70]]], candidates=3)
+    # HQ-only scores the single HQ mask with the best multimask prediction
+    assert result.best.objects[0].score == pytest.approx(default.best.objects[0].score)
+
+
+def test_exclude_is_label_zero_and_changes_the_mask(segmenter, picture):
+    embedding = segmenter.embed(picture)
+    include = segmenter.segment(embedding, [[[60, 70], [100, 80]]], [[1, 1]]).best.labels
+    exclude = segmenter.segment(embedding, [[[60, 70], [100, 80]]], [[1, 0]]).best.labels
+    assert not np.array_equal(include, exclude)
+    with pytest.raises(InvalidPromptError, match="not a point"):
+        segmenter.segment(embedding, [[[60, 70], [100, 80]]], [[1, -1]])
+
+
+def test_transformers_label_minus_one_discards_the_point():
+    """The trap behind rejecting -1: transformers embeds a -1 point as 'not a point', position ignored."""
+    from conftest import HQ_ID
+    from transformers import SamHQModel
+
+    model = SamHQModel.from_pretrained(HQ_ID)
+    with torch.inference_mode():
+        a = model.prompt_encoder(torch.tensor([[[[10.0, 20.0]]]]), torch.tensor([[[-1]]]), None, None)[0]
+        b = model.prompt_encoder(torch.tensor([[[[500.0, 900.0]]]]), torch.tensor([[[-1]]]), None, None)[0]
+    torch.testing.assert_close(a, b)
+    assert PAD == -1
+
+
+def test_embeddings_without_intermediate_silently_drop_hq_fusion(segmenter, picture):
+    """The trap the cache avoids: transformers accepts image_embeddings alone and quietly skips the HQ features."""
+    model, processor = segmenter.model, segmenter.loaded.processor
+    inputs = processor(images=picture, input_points=[[[[60, 70]]]], return_tensors="pt")
+    with torch.inference_mode():
+        image_embeddings, intermediate = model.get_image_embeddings(inputs["pixel_values"])
+        points = dict(input_points=inputs["input_points"], multimask_output=False)
+        without = model(image_embeddings=image_embeddings, **points).pred_masks
+        with_hq = model(image_embeddings=image_embeddings, intermediate_embeddings=intermediate, **points).pred_masks
+    assert not torch.allclose(without, with_hq)
+    embedding = segmenter.embed(picture)
+    assert embedding.hq_features is not None
+    expected = dec.hq_picture_features(model, image_embeddings, intermediate[0])
+    torch.testing.assert_close(embedding.hq_features, expected)
+
+
+def test_more_than_255_objects_give_a_uint16_map(segmenter):
+    rgb = make_picture(64, 48)
+    prompt = [[[float(i % 64), float(i // 64 * 10)]] for i in range(260)]
+    embedding = segmenter.embed(rgb)
+    parsed = parse_prompt(prompt, width=64, height=48, max_objects=300)
+    result = segmenter.segment(embedding, parsed)
+    assert result.best.labels.dtype == np.uint16
+    assert result.best.labels.max() <= 260
+    assert len(result.best.objects) == 260
+
+
+def test_segment_validates_candidates_and_model(segmenter, sam_segmenter, picture):
+    embedding = segmenter.embed(picture)
+    for bad in (0, 4, True, 1.5):
+        with pytest.raises(InvalidPromptError, match="from 1 to 3"):
+            segmenter.segment(embedding, [[[1, 1]]], candidates=bad)
+    with pytest.raises(ValueError, match="made by"):
+        sam_segmenter.segment(embedding, [[[1, 1]]])
+
+
+def test_float_coordinates_are_accepted(segmenter, picture):
+    embedding = segmenter.embed(picture)
+    result = segmenter.segment(embedding, [[[60.25, 70.75]]])
+    assert result.best.labels.shape == picture.shape[:2]
+
+
+def test_embedding_entry_keeps_picture_only_features(segmenter, sam_segmenter, picture):
+    hq = segmenter.embed(picture)
+    assert tuple(hq.image_embeddings.shape[-2:]) == (64, 64)
+    assert hq.grid_tokens == 4096
+    assert hq.nbytes == hq.image_embeddings.numel() * 4 + hq.hq_features.numel() * 4
+    sam = sam_segmenter.embed(picture)
+    assert sam.hq_features is None

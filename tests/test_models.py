@@ -1,0 +1,86 @@
+"""Loading: hub ids from the offline cache, local folders, helpful errors; device and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HQ_ID, make_picture
+
+from segmentation import CATALOG, ModelUnavailableError, Segmenter, UnknownModelError
+from segmentation.models import load_model, parse_dtype, resolve_device, resolve_spec
+from segmentation.offline import save_random_checkpoint
+
+
+def test_catalog_lists_hq_and_plain_sam():
+    assert {spec.family for spec in CATALOG.values()} == {"sam_hq", "sam"}
+    assert CATALOG[HQ_ID].hq and CATALOG[HQ_ID].encoder == "ViT-B"
+    assert len(CATALOG) == 6
+
+
+def test_hub_id_loads_offline_from_the_cache(segmenter, hf_home):
+    assert segmenter.model_id == HQ_ID
+    assert type(segmenter.model).__name__ == "SamHQModel"
+    assert segmenter.dtype == torch.float32 and segmenter.device.type == "cpu"
+
+
+def test_absent_catalog_model_fails_with_how_to_provide_it():
+    with pytest.raises(ModelUnavailableError) as info:
+        load_model("syscv-community/sam-hq-vit-large", "cpu")
+    message = str(info.value)
+    assert "syscv-community/sam-hq-vit-large" in message
+    assert "HF_HUB_OFFLINE" in message and "HF_HOME" in message
+    assert "huggingface-cli download" in message and "local folder" in message
+
+
+def test_unknown_name_lists_the_catalog():
+    with pytest.raises(UnknownModelError, match="Supported models: syscv-community/sam-hq-vit-base"):
+        resolve_spec("someone/else")
+
+
+def test_local_folder_loads_and_its_family_is_read_from_config(tmp_path):
+    folder = save_random_checkpoint(tmp_path / "ckpt", "sam", "tiny", seed=4)
+    segmenter = Segmenter.from_pretrained(str(folder), device="cpu")
+    assert not segmenter.hq
+    result = segmenter.segment_image(make_picture(40, 30), [[[5, 5]]])
+    assert result.best.labels.shape == (30, 40)
+
+
+def test_corrupt_weights_fail_with_a_clear_error(tmp_path):
+    folder = save_random_checkpoint(tmp_path / "ckpt", "sam_hq", "tiny")
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelUnavailableError, match="could not be loaded"):
+        load_model(str(folder), "cpu")
+
+
+def test_folder_without_config_and_other_model_types(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="config.json"):
+        resolve_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UnknownModelError, match="'bert'"):
+        resolve_spec(str(tmp_path))
+
+
+def test_device_and_dtype_choices():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else resolve_device("auto").type)
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="Unknown device"):
+        resolve_device("tpu-please")
+    assert parse_dtype("auto") is None
+    assert parse_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        parse_dtype("int4")
+
+
+def test_reduced_precision_is_used_only_where_masks_agree(segmenter):
+    from segmentation.precision import masks_agree
+
+    agree, iou = masks_agree(segmenter, segmenter)
+    assert agree and iou == 1.0
+    chosen = segmenter.with_precision_if_agreeing(torch.bfloat16, min_iou=1.01)  # impossible bar
+    assert chosen is segmenter
+    chosen = segmenter.with_precision_if_agreeing(torch.bfloat16, min_iou=0.0)
+    assert chosen.dtype == torch.bfloat16
+    assert chosen.segment_image(make_picture(40, 30), [[[5, 5]]]).best.labels.shape == (30, 40)
