@@ -11,6 +11,7 @@ and caches what depends on the picture alone, `segment()` runs only the prompt d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ class Embedding:
     resized_size: tuple[int, int]  # (height, width) inside the model's 1024 frame
     image_embeddings: torch.Tensor  # (1, C, 64, 64)
     hq_features: torch.Tensor | None  # (1, C/8, 256, 256) picture-only HQ features (SAM-HQ)
+    timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds it took to make
 
     @property
     def width(self) -> int:
@@ -186,28 +188,39 @@ class Segmenter:
         return self.cache.get(key)
 
     def _encode(self, rgb: np.ndarray, key: str) -> Embedding:
-        with self._encode_lock:
-            try:
-                return self._encode_unlocked(rgb, key)
-            except Exception as error:
-                if _is_out_of_memory(error):
-                    freed = self.cache.shed(0.5)
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    log.warning("out of memory while encoding; shed %.1f MB of cache", freed / MiB)
-                    raise ResourceExhaustedError(
-                        "The server ran out of memory while processing the picture; try again or use a smaller picture."
-                    ) from error
+        with self._encode_lock, self._out_of_memory_guard("processing the picture"):
+            return self._encode_unlocked(rgb, key)
+
+    @contextlib.contextmanager
+    def _out_of_memory_guard(self, doing: str):
+        """Out of memory → shed half the cache, free the allocator, raise ResourceExhaustedError (a retry may work)."""
+        try:
+            yield
+        except Exception as error:
+            if not _is_out_of_memory(error):
                 raise
+            freed = self.cache.shed(0.5)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of memory while %s; shed %.1f MB of cache", doing, freed / MiB)
+            raise ResourceExhaustedError(
+                f"The server ran out of memory while {doing}; try again, or use a smaller picture or fewer objects."
+            ) from error
 
     def _encode_unlocked(self, rgb: np.ndarray, key: str) -> Embedding:
+        start = time.perf_counter()
         inputs = self.loaded.processor.image_processor(images=rgb, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        preprocess = time.perf_counter() - start
+        start = time.perf_counter()
         image_embeddings, vit_features = dec.encode(self.model, pixel_values)
         hq_features = dec.hq_picture_features(self.model, image_embeddings, vit_features) if self.hq else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings = {"preprocess": preprocess, "encoder": time.perf_counter() - start}
         original = tuple(int(v) for v in inputs["original_sizes"][0])
         resized = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
-        return Embedding(self.model_id, key, original, resized, image_embeddings, hq_features)
+        return Embedding(self.model_id, key, original, resized, image_embeddings, hq_features, timings)
 
     # ---- prompts --------------------------------------------------------------------------
 
@@ -242,21 +255,22 @@ class Segmenter:
         points_t = torch.as_tensor(model_points, dtype=self.dtype, device=self.device)
         labels_t = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
         ambiguous = torch.tensor([obj.ambiguous for obj in prompt.objects], device=self.device)
-        output = dec.decode(
-            self.model, embedding.image_embeddings, embedding.hq_features, self._positional, points_t, labels_t
-        )
-        ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only and self.hq)
-        scores = ranked.scores.float().cpu().numpy()
-        timings["decoder"] = time.perf_counter() - start
+        with self._out_of_memory_guard("segmenting"):
+            output = dec.decode(
+                self.model, embedding.image_embeddings, embedding.hq_features, self._positional, points_t, labels_t
+            )
+            ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only and self.hq)
+            scores = ranked.scores.float().cpu().numpy()  # also waits for the device to finish the decode
+            timings["decoder"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        maps = []
-        for i in range(candidates):
-            labels_map = compose_label_map(ranked.logits[:, i], embedding.resized_size, embedding.original_size)
-            stats = object_stats(labels_map, len(prompt))
-            objects = tuple(self._object_result(s, float(scores[s.value - 1, i])) for s in stats)
-            maps.append(LabelMap(to_numpy_labels(labels_map, len(prompt)), objects))
-        timings["postprocess"] = time.perf_counter() - start
+            start = time.perf_counter()
+            maps = []
+            for i in range(candidates):
+                labels_map = compose_label_map(ranked.logits[:, i], embedding.resized_size, embedding.original_size)
+                stats = object_stats(labels_map, len(prompt))
+                objects = tuple(self._object_result(s, float(scores[s.value - 1, i])) for s in stats)
+                maps.append(LabelMap(to_numpy_labels(labels_map, len(prompt)), objects))
+            timings["postprocess"] = time.perf_counter() - start
         return Segmentation(candidates=tuple(maps), timings=timings)
 
     @staticmethod

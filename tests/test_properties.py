@@ -1,0 +1,105 @@
+"""Property-based tests: any input to prompt parsing or picture decoding either parses or raises our error."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from segmentation import InvalidImageError, InvalidPromptError
+from segmentation.images import load_image
+from segmentation.masks import decode_png, encode_png, resize_nearest
+from segmentation.prompts import parse_prompt, resized_shape, to_model_coordinates
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(points=json_values, labels=st.one_of(st.none(), json_values))
+def test_any_json_prompt_parses_or_raises_invalid_prompt(points, labels):
+    try:
+        prompt = parse_prompt(points, labels, width=50, height=40)
+    except InvalidPromptError as error:
+        assert error.message and error.param in ("segment_prompt", "point_labels")
+        return
+    for obj in prompt.objects:
+        assert obj.points and len(obj.points) == len(obj.labels)
+        for (x, y), label in zip(obj.points, obj.labels):
+            assert 0 <= x < 50 and 0 <= y < 40 and math.isfinite(x) and label in (0, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    width=st.integers(1, 4000),
+    height=st.integers(1, 4000),
+    fx=st.floats(0, 1, exclude_max=True),
+    fy=st.floats(0, 1, exclude_max=True),
+)
+def test_valid_points_land_inside_the_model_frame(width, height, fx, fy):
+    point = [fx * width, fy * height]
+    prompt = parse_prompt([[point]], width=width, height=height)
+    resized = resized_shape(height, width)
+    assert max(resized) == 1024
+    mapped = to_model_coordinates(np.array([[prompt.objects[0].points[0]]]), (height, width), resized)[0, 0]
+    assert 0 <= mapped[0] <= resized[1] and 0 <= mapped[1] <= resized[0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=2048))
+def test_arbitrary_bytes_decode_or_raise_invalid_image(data):
+    try:
+        rgb = load_image(data, max_pixels=1_000_000)
+    except InvalidImageError as error:
+        assert error.message
+        return
+    assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(1, 64),
+    height=st.integers(1, 64),
+    cut=st.floats(0.05, 0.95),
+    fmt=st.sampled_from(["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]),
+)
+def test_truncated_pictures_never_escape_as_other_errors(width, height, cut, fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(width * height).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+        buffer, format=fmt
+    )
+    data = buffer.getvalue()
+    data = data[: max(1, int(len(data) * cut))]
+    try:
+        rgb = load_image(data)
+    except InvalidImageError:
+        return
+    assert rgb.shape == (height, width, 3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    labels=st.integers(1, 300).flatmap(
+        lambda n: st.tuples(st.just(n), st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31))
+    ),
+    out_w=st.integers(1, 80),
+    out_h=st.integers(1, 80),
+)
+def test_png_round_trip_and_nearest_resize_keep_values_categorical(labels, out_w, out_h):
+    n, w, h, seed = labels
+    dtype = np.uint8 if n <= 255 else np.uint16
+    label_map = np.random.default_rng(seed).integers(0, n + 1, size=(h, w)).astype(dtype)
+    np.testing.assert_array_equal(decode_png(encode_png(label_map)), label_map)
+    resized = resize_nearest(label_map, out_w, out_h)
+    assert resized.shape == (out_h, out_w) and resized.dtype == dtype
+    assert set(np.unique(resized)) <= set(np.unique(label_map))
