@@ -2,6 +2,10 @@
 
 Single-flight: when several callers ask for the same missing key at once, one runs the
 (seconds-long) encoder and the others wait for its result instead of encoding again.
+
+Two tiers, for accelerators: at most `device_bytes` of the entries stay where they were
+computed (GPU memory); less recently used ones are spilled with `to_host` (host memory) and
+brought back with `to_device` on their next hit. `max_bytes` bounds both tiers together.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class CacheStats:
     entries: int
     bytes: int
     max_bytes: int
+    device_bytes: int = 0  # of `bytes`, how many are on the device tier
+    spills: int = 0  # moves to host memory
 
 
 class EmbeddingCache(Generic[V]):
@@ -38,26 +44,37 @@ class EmbeddingCache(Generic[V]):
     A value larger than the whole bound is returned to its caller but not kept.
     """
 
-    def __init__(self, max_bytes: int):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        device_bytes: int | None = None,
+        to_host: Callable[[V], V] | None = None,
+        to_device: Callable[[V], V] | None = None,
+    ):
+        if max_bytes < 0 or (device_bytes is not None and device_bytes < 0):
+            raise ValueError("cache bounds must be >= 0")
+        if device_bytes is not None and (to_host is None or to_device is None):
+            raise ValueError("a device tier needs both to_host and to_device")
         self.max_bytes = int(max_bytes)
+        self.device_bytes = device_bytes
+        self._to_host, self._to_device = to_host, to_device
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
+        self._on_device: OrderedDict[Hashable, int] = OrderedDict()  # LRU of device-resident keys → size
+        self._device_used = 0
         self._in_flight: dict[Hashable, Future] = {}
         self._bytes = 0
-        self._hits = self._misses = self._evictions = 0
+        self._hits = self._misses = self._evictions = self._spills = 0
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> V | None:
         """The value for `key` (marking it recently used), or None; counts a hit or a miss."""
         with self._lock:
-            value = self._entries.get(key)
-            if value is None:
+            if key not in self._entries:
                 self._misses += 1
                 return None
-            self._entries.move_to_end(key)
             self._hits += 1
-            return value
+            return self._touch(key)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> tuple[V, bool]:
         """(value, was_cached). Concurrent callers of one missing key share one `compute()`.
@@ -65,11 +82,9 @@ class EmbeddingCache(Generic[V]):
         If `compute` raises, every waiting caller gets the exception and nothing is stored.
         """
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
+            if key in self._entries:
                 self._hits += 1
-                return value, True
+                return self._touch(key), True
             future = self._in_flight.get(key)
             owner = future is None
             if owner:
@@ -97,17 +112,49 @@ class EmbeddingCache(Generic[V]):
         with self._lock:
             self._store(key, value)
 
+    def _touch(self, key: Hashable) -> V:
+        """Mark `key` most recently used; bring it back to the device tier if it was spilled."""
+        self._entries.move_to_end(key)
+        value = self._entries[key]
+        if self.device_bytes is None:
+            return value
+        if key in self._on_device:
+            self._on_device.move_to_end(key)
+            return value
+        value = self._to_device(value)
+        self._entries[key] = value
+        self._mark_on_device(key, int(value.nbytes))
+        return value
+
+    def _mark_on_device(self, key: Hashable, size: int) -> None:
+        self._on_device[key] = size
+        self._device_used += size
+        while self._device_used > self.device_bytes and len(self._on_device) > 1:
+            spilled, spilled_size = self._on_device.popitem(last=False)
+            self._device_used -= spilled_size
+            self._entries[spilled] = self._to_host(self._entries[spilled])
+            self._spills += 1
+
+    def _forget(self, key: Hashable) -> V:
+        value = self._entries.pop(key)
+        self._bytes -= int(value.nbytes)
+        size = self._on_device.pop(key, None)
+        if size is not None:
+            self._device_used -= size
+        return value
+
     def _store(self, key: Hashable, value: V) -> None:
         size = int(value.nbytes)
         if key in self._entries:
-            self._bytes -= int(self._entries.pop(key).nbytes)
+            self._forget(key)
         if size > self.max_bytes:
             return
         self._entries[key] = value
         self._bytes += size
+        if self.device_bytes is not None:
+            self._mark_on_device(key, size)
         while self._bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= int(evicted.nbytes)
+            self._forget(next(iter(self._entries)))
             self._evictions += 1
 
     def shed(self, fraction: float = 0.5) -> int:
@@ -116,9 +163,7 @@ class EmbeddingCache(Generic[V]):
             target = self._bytes * (1.0 - fraction)
             freed = 0
             while self._entries and self._bytes > target:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= int(evicted.nbytes)
-                freed += int(evicted.nbytes)
+                freed += int(self._forget(next(iter(self._entries))).nbytes)
                 self._evictions += 1
             return freed
 
@@ -126,7 +171,8 @@ class EmbeddingCache(Generic[V]):
         with self._lock:
             self._evictions += len(self._entries)
             self._entries.clear()
-            self._bytes = 0
+            self._on_device.clear()
+            self._bytes = self._device_used = 0
 
     def keys(self) -> list[Hashable]:
         """Keys from least to most recently used."""
@@ -144,5 +190,12 @@ class EmbeddingCache(Generic[V]):
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(
-                self._hits, self._misses, self._evictions, len(self._entries), self._bytes, self.max_bytes
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                entries=len(self._entries),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                device_bytes=self._device_used,
+                spills=self._spills,
             )

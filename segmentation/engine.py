@@ -12,6 +12,7 @@ and caches what depends on the picture alone, `segment()` runs only the prompt d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -61,6 +62,21 @@ class Embedding:
         tensors = [self.image_embeddings] + ([self.hq_features] if self.hq_features is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def to(self, device: torch.device | str) -> Embedding:
+        """The same embedding with its tensors on `device` (host copies are pinned for fast transfers back)."""
+        device = torch.device(device)
+        pin = device.type == "cpu" and torch.cuda.is_available()
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or tensor.device == device:
+                return tensor
+            moved = tensor.to(device, non_blocking=True)
+            return moved.pin_memory() if pin else moved
+
+        return dataclasses.replace(
+            self, image_embeddings=move(self.image_embeddings), hq_features=move(self.hq_features)
+        )
+
     @property
     def grid_tokens(self) -> int:
         """Image tokens: cells of the embedding grid (64×64 for every published checkpoint)."""
@@ -101,8 +117,25 @@ class Segmentation:
 
 
 def default_cache_bytes(device: torch.device) -> int:
-    """Host RAM is plentiful next to a GPU's; a ViT-B entry is ~12 MB in float32."""
+    """Host RAM is plentiful next to a GPU's; a ViT-B entry is ~12 MB in float32, ~6 MB in half precision."""
     return (2048 if device.type == "cuda" else 1024) * MiB
+
+
+def make_cache(
+    device: torch.device, max_bytes: int | None = None, device_bytes: int | None = None
+) -> EmbeddingCache[Embedding]:
+    """The embedding cache for models on `device`: on an accelerator, up to `device_bytes` (default
+    a quarter of its memory, at most 1 GiB) stay on it and the rest spill to host memory."""
+    max_bytes = default_cache_bytes(device) if max_bytes is None else max_bytes
+    if device.type == "cpu":
+        return EmbeddingCache(max_bytes)
+    if device_bytes is None:
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 4096 * MiB
+        device_bytes = min(1024 * MiB, total // 4)
+    host = torch.device("cpu")
+    return EmbeddingCache(
+        max_bytes, device_bytes=device_bytes, to_host=lambda e: e.to(host), to_device=lambda e: e.to(device)
+    )
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -121,9 +154,7 @@ class Segmenter:
     def __init__(self, loaded: LoadedModel, cache: EmbeddingCache | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.loaded = loaded
         self.model = loaded.model
-        self.cache: EmbeddingCache[Embedding] = (
-            cache if cache is not None else EmbeddingCache(default_cache_bytes(loaded.device))
-        )
+        self.cache: EmbeddingCache[Embedding] = cache if cache is not None else make_cache(loaded.device)
         self.max_pixels = max_pixels
         self.hq = dec.is_hq(self.model)
         self._positional = dec.image_positional_embeddings(self.model)
@@ -144,7 +175,7 @@ class Segmenter:
         torch_device = resolve_device(device)
         explicit = parse_dtype(dtype)
         loaded = load_model(name, torch_device, explicit)
-        cache = EmbeddingCache(cache_bytes if cache_bytes is not None else default_cache_bytes(torch_device))
+        cache = make_cache(torch_device, cache_bytes)
         segmenter = cls(loaded, cache, max_pixels)
         if explicit is None:
             candidate = half_precision_candidate(torch_device)
@@ -291,7 +322,7 @@ class Segmenter:
             loaded = load_model(self.model_id, self.device, dtype)
         except ModelUnavailableError:
             return self
-        candidate = Segmenter(loaded, EmbeddingCache(self.cache.max_bytes), self.max_pixels)
+        candidate = Segmenter(loaded, make_cache(self.device, self.cache.max_bytes), self.max_pixels)
         agree, iou = masks_agree(self, candidate, min_iou)
         log.info(
             "%s: %s masks agree with float32 at IoU %.4f: %s",

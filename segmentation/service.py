@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache
-from .engine import Embedding, LabelMap, ObjectResult, Segmenter, default_cache_bytes
+from .engine import Embedding, LabelMap, ObjectResult, Segmenter, make_cache
 from .errors import InvalidPromptError, ModelUnavailableError, SegmentationError, UnknownModelError
 from .masks import encode_png, object_stats, resize_nearest
 from .models import resolve_device
@@ -52,8 +52,11 @@ class ModelRegistry:
         self._loader = loader
         self.retry_after = retry_after
         device = resolve_device(settings.device)
-        cache_bytes = settings.cache_mb * MiB if settings.cache_mb > 0 else default_cache_bytes(device)
-        self.cache: EmbeddingCache[Embedding] = EmbeddingCache(cache_bytes)
+        self.cache: EmbeddingCache[Embedding] = make_cache(
+            device,
+            settings.cache_mb * MiB if settings.cache_mb > 0 else None,
+            settings.device_cache_mb * MiB if settings.device_cache_mb > 0 else None,
+        )
         self._models: dict[str, Segmenter] = {}
         self._failures: dict[str, tuple[float, ModelUnavailableError]] = {}
         self._locks = {name: threading.Lock() for name in self.served}

@@ -31,6 +31,7 @@ class Settings:
     device: str = "auto"  # SAMHQ_DEVICE: auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # SAMHQ_DTYPE: auto | float32 | bfloat16 | float16
     cache_mb: int = 0  # SAMHQ_CACHE_MB: embedding cache bound; 0 = per-device default
+    device_cache_mb: int = 0  # SAMHQ_DEVICE_CACHE_MB: of that, kept in GPU memory; 0 = per-device default
     max_pixels: int = 40_000_000  # SAMHQ_MAX_PIXELS
     max_objects: int = 255  # SAMHQ_MAX_OBJECTS
     max_points: int = 64  # SAMHQ_MAX_POINTS: per object
@@ -55,6 +56,7 @@ class Settings:
             device=os.environ.get("SAMHQ_DEVICE", "auto").strip() or "auto",
             dtype=os.environ.get("SAMHQ_DTYPE", "auto").strip() or "auto",
             cache_mb=_env_int("SAMHQ_CACHE_MB", 0),
+            device_cache_mb=_env_int("SAMHQ_DEVICE_CACHE_MB", 0),
             max_pixels=_env_int("SAMHQ_MAX_PIXELS", 40_000_000),
             max_objects=_env_int("SAMHQ_MAX_OBJECTS", 255),
             max_points=_env_int("SAMHQ_MAX_POINTS", 64),

@@ -133,3 +133,63 @@ def test_no_crosstalk_between_pictures_under_threads(segmenter):
             np.testing.assert_array_equal(labels, expected[i % 5])
     assert segmenter.cache.stats().evictions > 0
     assert segmenter.cache.stats().bytes <= segmenter.cache.max_bytes
+
+
+@dataclass
+class Placed:
+    name: str
+    nbytes: int
+    where: str = "device"
+
+
+def _two_tier(max_bytes=100, device_bytes=30):
+    moves = []
+
+    def to_host(value):
+        moves.append(("host", value.name))
+        return Placed(value.name, value.nbytes, "host")
+
+    def to_device(value):
+        moves.append(("device", value.name))
+        return Placed(value.name, value.nbytes, "device")
+
+    cache = EmbeddingCache(max_bytes, device_bytes=device_bytes, to_host=to_host, to_device=to_device)
+    return cache, moves
+
+
+def test_device_tier_spills_least_recent_to_host_and_brings_hits_back():
+    cache, moves = _two_tier()
+    for key in "abcd":
+        cache.put(key, Placed(key, 10))
+    assert moves == [("host", "a")]  # 40 bytes > 30 on device: the oldest spilled
+    assert cache.stats().device_bytes == 30 and cache.stats().bytes == 40 and cache.stats().spills == 1
+    value = cache.get("a")
+    assert value.where == "device"
+    assert moves[-2:] == [("device", "a"), ("host", "b")]
+    value, cached = cache.get_or_compute("b", lambda: Placed("never", 1))
+    assert cached and value.where == "device" and value.name == "b"
+    assert cache.stats().device_bytes <= 30
+
+
+def test_device_tier_respects_the_total_bound_and_shed():
+    cache, _ = _two_tier(max_bytes=50, device_bytes=20)
+    for key in "abcdefgh":
+        cache.put(key, Placed(key, 10))
+    stats = cache.stats()
+    assert stats.bytes == 50 and stats.device_bytes == 20 and stats.evictions == 3
+    cache.shed(1.0)
+    assert cache.stats().bytes == 0 and cache.stats().device_bytes == 0
+
+
+def test_device_tier_needs_both_moves():
+    with pytest.raises(ValueError, match="to_host and to_device"):
+        EmbeddingCache(10, device_bytes=5)
+
+
+def test_embedding_round_trips_between_tiers_with_equal_masks(segmenter):
+    picture = make_picture(72, 40, seed=31)
+    embedding = segmenter.embed(picture)
+    moved = embedding.to("cpu")
+    assert moved.key == embedding.key and moved.nbytes == embedding.nbytes
+    expected = segmenter.segment(embedding, [[[20, 20]]]).best.labels
+    np.testing.assert_array_equal(segmenter.segment(moved, [[[20, 20]]]).best.labels, expected)
