@@ -32,7 +32,6 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.report import chart, markdown_table  # noqa: E402
