@@ -37,15 +37,12 @@ from .masks import parse_size
 from .models import CATALOG
 from .schemas import (
     ErrorResponse,
-    InputTokensDetails,
-    Mask,
     ModelCard,
     ModelList,
-    Segment,
     SegmentationRequest,
     SegmentationResponse,
-    Usage,
     ValidateResponse,
+    build_response,
 )
 from .settings import Settings
 
@@ -183,33 +180,6 @@ def _auth_dependency(settings: Settings):
     return require_key
 
 
-def _response(result: service.SegmentResult) -> SegmentationResponse:
-    pngs = result.pngs()
-    data = [
-        Mask(
-            b64_json=base64.b64encode(png).decode("ascii"),
-            label=None,
-            score=candidate.score,
-            segments=[
-                Segment(value=o.value, score=o.score, area=o.area, bbox=list(o.bbox) if o.bbox else None)
-                for o in candidate.objects
-            ],
-        )
-        for candidate, png in zip(result.candidates, pngs)
-    ]
-    cached = result.image_tokens if result.embedding_cached else 0
-    input_tokens = result.image_tokens + result.point_tokens
-    usage = Usage(
-        input_tokens=input_tokens,
-        input_tokens_details=InputTokensDetails(
-            image_tokens=result.image_tokens, cached_tokens=cached, point_tokens=result.point_tokens
-        ),
-        output_tokens=len(data),
-        total_tokens=input_tokens + len(data),
-    )
-    return SegmentationResponse(created=int(time.time()), data=data, usage=usage)
-
-
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
 
 
@@ -244,7 +214,7 @@ def create_router(registry: service.ModelRegistry, settings: Settings) -> APIRou
                     size=size,
                 )
 
-        return _response(await run_in_threadpool(work))
+        return build_response(await run_in_threadpool(work))
 
     @router.get("/v1/models", response_model=ModelList, tags=["models"])
     async def list_models() -> ModelList:

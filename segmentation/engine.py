@@ -27,7 +27,7 @@ from . import decoder as dec
 from .cache import CacheStats, EmbeddingCache
 from .errors import InvalidPromptError, ModelUnavailableError, ResourceExhaustedError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_size, load_image, pixel_hash
-from .masks import ObjectStats, compose_label_map, object_stats, to_numpy_labels
+from .masks import compose_label_map, object_stats, to_numpy_labels
 from .models import LoadedModel, half_precision_candidate, load_model, parse_dtype, resolve_device
 from .prompts import Prompt, padded_arrays, parse_prompt, to_model_coordinates
 
@@ -89,6 +89,8 @@ class ObjectResult:
     score: float  # predicted IoU of the chosen candidate
     area: int
     bbox: tuple[int, int, int, int] | None  # x0, y0, x1, y1 inclusive
+    candidate: int = 0  # which of the object's ranked candidates this map uses
+    candidates: int = 1  # how many distinct candidates the object has (3 for one point, else 1)
 
 
 @dataclass(frozen=True)
@@ -266,10 +268,13 @@ class Segmenter:
         *,
         candidates: int = 1,
         hq_token_only: bool = False,
+        choices: Sequence[Sequence[int]] | None = None,
     ) -> Segmentation:
         """Decode every object of `prompt` in one batched call and compose `candidates` label maps.
 
         `prompt` is a Prompt or nested lists `[[[x, y], ...], ...]` (then `labels` may give 1/0 per point).
+        The i-th map uses each object's i-th ranked candidate; `choices` instead lists, per map, the
+        candidate (0-2) of each object, e.g. the UI's "object 2 takes its second candidate".
         """
         if embedding.model_id != self.model_id:
             raise ValueError(f"This embedding was made by {embedding.model_id!r}, not {self.model_id!r}")
@@ -279,6 +284,7 @@ class Segmenter:
             )
         if not isinstance(prompt, Prompt):
             prompt = self.parse(embedding, prompt, labels)
+        plans = self._candidate_plans(len(prompt), candidates, choices)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         points, point_labels = padded_arrays(prompt)
@@ -296,17 +302,40 @@ class Segmenter:
 
             start = time.perf_counter()
             maps = []
-            for i in range(candidates):
-                labels_map = compose_label_map(ranked.logits[:, i], embedding.resized_size, embedding.original_size)
-                stats = object_stats(labels_map, len(prompt))
-                objects = tuple(self._object_result(s, float(scores[s.value - 1, i])) for s in stats)
+            counts = ranked.counts.tolist()
+            rows = torch.arange(len(prompt), device=self.device)
+            for plan in plans:
+                chosen = ranked.logits[rows, torch.as_tensor(plan, device=self.device)]
+                labels_map = compose_label_map(chosen, embedding.resized_size, embedding.original_size)
+                objects = tuple(
+                    ObjectResult(
+                        value=s.value,
+                        score=float(scores[s.value - 1, plan[s.value - 1]]),
+                        area=s.area,
+                        bbox=s.bbox,
+                        candidate=min(plan[s.value - 1], counts[s.value - 1] - 1),
+                        candidates=counts[s.value - 1],
+                    )
+                    for s in object_stats(labels_map, len(prompt))
+                )
                 maps.append(LabelMap(to_numpy_labels(labels_map, len(prompt)), objects))
             timings["postprocess"] = time.perf_counter() - start
         return Segmentation(candidates=tuple(maps), timings=timings)
 
     @staticmethod
-    def _object_result(stats: ObjectStats, score: float) -> ObjectResult:
-        return ObjectResult(value=stats.value, score=score, area=stats.area, bbox=stats.bbox)
+    def _candidate_plans(n_objects: int, candidates: int, choices: Sequence[Sequence[int]] | None) -> list[list[int]]:
+        """Per label map, the candidate index of every object (an object with one mask repeats it)."""
+        if choices is None:
+            return [[i] * n_objects for i in range(candidates)]
+        plans = [list(plan) for plan in choices]
+        if not 1 <= len(plans) <= MAX_CANDIDATES or any(len(plan) != n_objects for plan in plans):
+            raise InvalidPromptError(
+                f"choices must list 1 to {MAX_CANDIDATES} maps, each with one candidate index per object ({n_objects}).",
+                param="choices",
+            )
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < MAX_CANDIDATES for p in plans for c in p):
+            raise InvalidPromptError("candidate indexes in choices must be 0, 1 or 2.", param="choices")
+        return plans
 
     def segment_image(self, image: ImageInput, points: Sequence, labels: Any = None, **options: Any) -> Segmentation:
         """Embed (cached) and segment in one call, for notebooks and scripts."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -139,3 +140,34 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def build_response(result: Any, created: int | None = None) -> SegmentationResponse:
+    """The API answer for a `service.SegmentResult` (duck-typed: no torch import here).
+
+    The UI's "response JSON" export uses it too, so both are the same document.
+    """
+    data = [
+        Mask(
+            b64_json=base64.b64encode(png).decode("ascii"),
+            label=None,
+            score=candidate.score,
+            segments=[
+                Segment(value=o.value, score=o.score, area=o.area, bbox=list(o.bbox) if o.bbox else None)
+                for o in candidate.objects
+            ],
+        )
+        for candidate, png in zip(result.candidates, result.pngs())
+    ]
+    input_tokens = result.image_tokens + result.point_tokens
+    usage = Usage(
+        input_tokens=input_tokens,
+        input_tokens_details=InputTokensDetails(
+            image_tokens=result.image_tokens,
+            cached_tokens=result.image_tokens if result.embedding_cached else 0,
+            point_tokens=result.point_tokens,
+        ),
+        output_tokens=len(data),
+        total_tokens=input_tokens + len(data),
+    )
+    return SegmentationResponse(created=int(time.time()) if created is None else created, data=data, usage=usage)

@@ -201,3 +201,25 @@ def test_embedding_entry_keeps_picture_only_features(segmenter, sam_segmenter, p
     assert hq.nbytes == hq.image_embeddings.numel() * 4 + hq.hq_features.numel() * 4
     sam = sam_segmenter.embed(picture)
     assert sam.hq_features is None
+
+
+def test_choices_pick_each_objects_candidate(segmenter, picture):
+    embedding = segmenter.embed(picture)
+    ranked = segmenter.segment(embedding, PROMPT, LABELS, candidates=3)
+    mixed = segmenter.segment(embedding, PROMPT, LABELS, choices=[[2, 0, 0, 1]]).best
+    # the same objects, each with the chosen candidate: equals a reference built from the ranked maps' logits
+    pad_to = max(len(obj) for obj in PROMPT)
+    refs = [
+        reference_object_logits(segmenter.model, segmenter.loaded.processor, picture, o, lab, pad_to)
+        for o, lab in zip(PROMPT, LABELS)
+    ]
+    plan = [2, 0, 0, 1]
+    expected = reference_label_map([logits[min(c, len(logits) - 1)] for (logits, _), c in zip(refs, plan)])
+    np.testing.assert_array_equal(mixed.labels, expected)
+    assert [o.candidate for o in mixed.objects] == [2, 0, 0, 1]
+    assert [o.candidates for o in mixed.objects] == [3, 1, 1, 3]
+    assert mixed.objects[0].score == ranked.candidates[2].objects[0].score
+    with pytest.raises(InvalidPromptError, match="one candidate index per object"):
+        segmenter.segment(embedding, PROMPT, LABELS, choices=[[0, 0]])
+    with pytest.raises(InvalidPromptError, match="0, 1 or 2"):
+        segmenter.segment(embedding, PROMPT, LABELS, choices=[[0, 0, 3, 0]])
