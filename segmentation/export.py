@@ -1,0 +1,115 @@
+"""Exports: per-object COCO RLE and polygons, the objects JSON document, ready-to-copy API snippets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def rle_counts(mask: np.ndarray) -> list[int]:
+    """COCO run lengths: column-major (Fortran) order, starting with a run of zeros."""
+    flat = np.asarray(mask, dtype=bool).flatten(order="F")
+    if flat.size == 0:
+        return []
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat[0] else runs
+
+
+def _counts_to_string(counts: Sequence[int]) -> str:
+    """pycocotools' compressed RLE string (LEB128-like, 5 bits a character, deltas after the 3rd run)."""
+    chars = []
+    for i, count in enumerate(counts):
+        x = int(count) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            if more:
+                c |= 0x20
+            chars.append(chr(c + 48))
+    return "".join(chars)
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, Any]:
+    """A compressed COCO RLE ({"size": [h, w], "counts": str}), as pycocotools.mask.encode gives."""
+    height, width = mask.shape
+    return {"size": [int(height), int(width)], "counts": _counts_to_string(rle_counts(mask))}
+
+
+def polygons(mask: np.ndarray, min_points: int = 3) -> list[list[float]]:
+    """Outlines of the mask as COCO polygons [x1, y1, x2, y2, ...] in pixel coordinates."""
+    from contourpy import contour_generator
+
+    padded = np.pad(np.asarray(mask, dtype=np.float64), 1)
+    lines = contour_generator(z=padded, name="serial").lines(0.5)
+    result = []
+    for line in lines:
+        if len(line) < min_points:
+            continue
+        coords = np.asarray(line, dtype=np.float64) - 1.0  # undo the padding
+        result.append([round(float(v), 2) for v in coords.reshape(-1)])
+    return result
+
+
+def objects_document(
+    label_map: np.ndarray,
+    objects: Sequence[Any],
+    prompt: Sequence[dict[str, Any]],
+    model: str,
+) -> dict[str, Any]:
+    """Per object: its prompt, score, area, box, COCO RLE and polygons (values as in the label map)."""
+    height, width = label_map.shape
+    items = []
+    for obj, spec in zip(objects, prompt):
+        mask = label_map == obj.value
+        items.append(
+            {
+                "value": obj.value,
+                "points": spec["points"],
+                "labels": spec["labels"],
+                "score": obj.score,
+                "area": obj.area,
+                "bbox": list(obj.bbox) if obj.bbox else None,
+                "rle": rle_encode(mask),
+                "polygons": polygons(mask),
+            }
+        )
+    return {"model": model, "width": width, "height": height, "objects": items}
+
+
+def api_snippets(base_url: str, model: str, points: list, labels: list, image_name: str = "picture.jpg") -> str:
+    """Python for our client and for the AI Refinery SDK, with this prompt filled in."""
+    prompt = json.dumps(points)
+    point_labels = json.dumps(labels)
+    return f'''# Our client (pip install httpx pydantic numpy pillow; this repository's segmentation/client.py)
+from segmentation.client import SegmentationClient
+
+with SegmentationClient("{base_url}") as client:   # api_key="..." if the server requires one
+    response = client.images.segment(
+        image="{image_name}",
+        segment_prompt={prompt},
+        point_labels={point_labels},
+        model="{model}",
+    )
+labels = response.data[0].to_array()   # H×W label map: 0 background, k = k-th object
+
+# The AI Refinery SDK, unmodified (pip install airefinery-sdk; Python >= 3.12)
+import base64
+from air import AIRefinery
+
+client = AIRefinery(api_key="YOUR_KEY", base_url="{base_url}")
+with open("{image_name}", "rb") as f:
+    image = base64.b64encode(f.read()).decode()
+response = client.images.segment(
+    image=image,
+    segment_prompt={prompt},
+    model="{model}",
+    point_labels={point_labels},
+)
+'''
