@@ -94,7 +94,8 @@ def test_async_client_concurrent_requests(server, picture):
         async with AsyncSegmentationClient(server.url, api_key="client-key") as client:
             assert HQ_ID in await client.models()
             calls = [
-                client.images.segment(image=picture, segment_prompt=[[[10 + 20 * i, 20]]], model=HQ_ID) for i in range(4)
+                client.images.segment(image=picture, segment_prompt=[[[10 + 20 * i, 20]]], model=HQ_ID)
+                for i in range(4)
             ]
             responses = await asyncio.gather(*calls)
             with pytest.raises(SegmentationAPIError) as info:

@@ -51,7 +51,9 @@ def _python312() -> str | None:
     for candidate in CANDIDATES:
         path = shutil.which(candidate) or (candidate if Path(candidate).exists() else None)
         if path:
-            version = subprocess.run([path, "-c", "import sys; print(sys.version_info >= (3, 12))"], capture_output=True, text=True)
+            version = subprocess.run(
+                [path, "-c", "import sys; print(sys.version_info >= (3, 12))"], capture_output=True, text=True
+            )
             if version.stdout.strip() == "True":
                 return path
     return None
