@@ -280,7 +280,7 @@ class SegmentationUI:
         def handler(state: dict, hq_only: bool, opacity: float, *rest):
             return self.render(action(state, *rest), hq_only, opacity)
 
-        return handler
+        return _spaces_gpu(handler)
 
     # -- exports --
     def export(self, state: dict):
@@ -458,10 +458,11 @@ class SegmentationUI:
                     response_file = gr.File(label="response.json (API response)", elem_id="response-file")
                 snippet = gr.Code(label="Call the API with this prompt", language="python")
 
+            gpu = _spaces_gpu  # handlers that run the model get a GPU on ZeroGPU Spaces
             views = [overlay, mask, cut, legend, candidates]
             rendered = [canvas, *views, active, state, status]
             quiet = {"api_visibility": "private"}
-            canvas.upload(self.load_picture, [canvas, state], [canvas, *views, state, status], **quiet)
+            canvas.upload(gpu(self.load_picture), [canvas, state], [canvas, *views, state, status], **quiet)
             canvas.clear(
                 lambda s: (
                     None,
@@ -473,9 +474,11 @@ class SegmentationUI:
                 [canvas, *views, state, status],
                 **quiet,
             )
-            examples.select(self.load_example, [state], [canvas, *views, state, status], **quiet)
-            canvas.select(self.click, [state, mode, hq_only, opacity], rendered, trigger_mode="always_last", **quiet)
-            candidates.select(self.choose, [state, hq_only, opacity], rendered, **quiet)
+            examples.select(gpu(self.load_example), [state], [canvas, *views, state, status], **quiet)
+            canvas.select(
+                gpu(self.click), [state, mode, hq_only, opacity], rendered, trigger_mode="always_last", **quiet
+            )
+            candidates.select(gpu(self.choose), [state, hq_only, opacity], rendered, **quiet)
             new_btn.click(self.edit(start_new_object), [state, hq_only, opacity], rendered, **quiet)
             undo_btn.click(self.edit(undo_point), [state, hq_only, opacity], rendered, **quiet)
             clear_obj_btn.click(self.edit(clear_object), [state, hq_only, opacity], rendered, **quiet)
@@ -483,10 +486,10 @@ class SegmentationUI:
             active.input(self.edit(select_object), [state, hq_only, opacity, active], rendered, **quiet)
             hq_only.input(self.edit(lambda s: s), [state, hq_only, opacity], rendered, **quiet)
             opacity.release(self.edit(lambda s: s), [state, hq_only, opacity], rendered, **quiet)
-            model.input(self.change_model, [model, state], [canvas, state, status], **quiet)
+            model.input(gpu(self.change_model), [model, state], [canvas, state, status], **quiet)
             export_btn.click(self.export, [state], [mask_file, objects_file, response_file, snippet], **quiet)
             demo.load(self.startup_status, None, status, **quiet)
-            gr.api(self.api_segment, api_name="segment")
+            gr.api(gpu(self.api_segment), api_name="segment")
         demo.queue(default_concurrency_limit=2, max_size=self.settings.max_queue)
         return demo
 

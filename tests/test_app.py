@@ -194,3 +194,19 @@ def test_app_serves_ui_and_api_on_one_port():
         assert client.get("/").status_code == 200
         assert client.get("/v1/models").json()["data"][0]["id"] == HQ_ID
         assert "/segment" in client.get("/gradio_api/info").json()["named_endpoints"]
+
+
+def test_spaces_gpu_decorator_applies_only_on_zerogpu(monkeypatch):
+    import sys
+    import types
+
+    def handler():
+        return 1
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert app._spaces_gpu(handler) is handler
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda fn: ("wrapped", fn)
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert app._spaces_gpu(handler) == ("wrapped", handler)
