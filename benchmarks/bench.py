@@ -229,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         scenarios["naive (full forward per click)"] = [
             naive_click(segmenter, picture, ONE_OBJECT) for _ in range(args.naive_reps)
         ]
-        scenarios["cold click (new picture)"] = [cold_click(segmenter, picture, ONE_OBJECT) for _ in range(args.cold_reps)]
+        scenarios["cold click (new picture)"] = [
+            cold_click(segmenter, picture, ONE_OBJECT) for _ in range(args.cold_reps)
+        ]
         embedding, _ = segmenter.embed_with_info(picture)
-        scenarios["warm click, 1 object"] = [warm_click(segmenter, embedding.key, ONE_OBJECT) for _ in range(args.warm_reps)]
+        scenarios["warm click, 1 object"] = [
+            warm_click(segmenter, embedding.key, ONE_OBJECT) for _ in range(args.warm_reps)
+        ]
         scenarios["warm click, 8 objects"] = [
             warm_click(segmenter, embedding.key, EIGHT_OBJECTS) for _ in range(args.warm_reps)
         ]

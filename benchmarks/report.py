@@ -45,7 +45,11 @@ def chart(report: dict, path: Path) -> None:
     width, row_h, left = 1100, 46, 330
     image = Image.new("RGB", (width, 70 + row_h * len(rows) + 40), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"Median time per stage — {report['model']} ({report['shape']}), {report['environment']['device']}", fill="black")
+    draw.text(
+        (10, 10),
+        f"Median time per stage — {report['model']} ({report['shape']}), {report['environment']['device']}",
+        fill="black",
+    )
     for index, (name, stages) in enumerate(rows):
         y = 50 + index * row_h
         total = sum(s["median_ms"] for s in stages.values()) or 1.0
