@@ -60,14 +60,29 @@ def encode_image(image: Any) -> str:
     )
 
 
-def _payload(image: Any, segment_prompt: Any, model: str, extra_body: dict | None, kwargs: dict) -> dict:
-    kwargs.pop("timeout", None)
-    return {
+def _request(
+    image: Any,
+    segment_prompt: Any,
+    model: str,
+    timeout: float | None,
+    default_timeout: float,
+    extra_headers: dict[str, str] | None,
+    extra_body: dict | None,
+    kwargs: dict,
+) -> dict[str, Any]:
+    """The keyword arguments of the POST both clients send, with the body built the way the SDK builds it."""
+    body = {
         "model": model,
         "image_prompt": encode_image(image),
         "segment_prompt": segment_prompt,
         "extra_body": extra_body,
         **kwargs,
+    }
+    return {
+        "url": "/v1/images/segmentations",
+        "json": body,
+        "headers": extra_headers,
+        "timeout": timeout if timeout is not None else default_timeout,
     }
 
 
@@ -103,13 +118,10 @@ class _Images:
         **kwargs: Any,
     ) -> SegmentationResponse:
         """Segment `image` from point prompts; kwargs: point_labels, n, size, hq_token_only, user."""
-        response = self._client._http.post(
-            "/v1/images/segmentations",
-            json=_payload(image, segment_prompt, model, extra_body, kwargs),
-            headers=extra_headers,
-            timeout=timeout if timeout is not None else self._client.timeout,
+        request = _request(
+            image, segment_prompt, model, timeout, self._client.timeout, extra_headers, extra_body, kwargs
         )
-        return _parse(response)
+        return _parse(self._client._http.post(**request))
 
 
 class SegmentationClient:
@@ -155,13 +167,10 @@ class _AsyncImages:
         **kwargs: Any,
     ) -> SegmentationResponse:
         """Segment `image` from point prompts; kwargs: point_labels, n, size, hq_token_only, user."""
-        response = await self._client._http.post(
-            "/v1/images/segmentations",
-            json=_payload(image, segment_prompt, model, extra_body, kwargs),
-            headers=extra_headers,
-            timeout=timeout if timeout is not None else self._client.timeout,
+        request = _request(
+            image, segment_prompt, model, timeout, self._client.timeout, extra_headers, extra_body, kwargs
         )
-        return _parse(response)
+        return _parse(await self._client._http.post(**request))
 
 
 class AsyncSegmentationClient:

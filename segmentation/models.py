@@ -154,7 +154,7 @@ class LoadedModel:
 def _how_to_provide(name: str) -> str:
     hf_home = os.environ.get("HF_HOME") or "~/.cache/huggingface"
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face hub could not be reached"
+    why = "Offline mode is on (HF_HUB_OFFLINE=1)" if offline else "The Hugging Face hub could not be reached"
     return (
         f"{why} and no copy was found in the cache under {hf_home}. "
         f"To provide it: run `huggingface-cli download {name}` on a machine with network and copy the cache, "
@@ -176,7 +176,7 @@ def load_model(name: str, device: str = "cpu", dtype=None) -> LoadedModel:
         processor = AutoProcessor.from_pretrained(name)
     except OSError as error:
         is_local = Path(name).expanduser().is_dir()
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        detail = (str(error).splitlines()[0] if str(error) else type(error).__name__).rstrip(". ")
         hint = (
             "The folder is missing files or they are corrupt; save the checkpoint again with save_pretrained."
             if is_local
