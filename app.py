@@ -393,6 +393,7 @@ class SegmentationUI:
                     canvas = gr.Image(
                         label="Picture — click to add points",
                         type="filepath",
+                        image_mode=None,  # hand us the upload undecoded: the pixel limit is checked first
                         sources=["upload", "clipboard"],
                         interactive=True,
                         elem_id="canvas",

@@ -20,9 +20,6 @@ ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndar
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
-# Our own limit decides; Pillow's bomb warning/error would fire at other thresholds.
-Image.MAX_IMAGE_PIXELS = None
-
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
@@ -38,7 +35,16 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
 def _open(source: bytes | str | Path) -> Image.Image:
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
-        return Image.open(stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(stream)
+    except Image.DecompressionBombError as error:
+        # Pillow's own guard (2 × Image.MAX_IMAGE_PIXELS) fired while reading the header
+        raise ImageTooLargeError(
+            f"The picture is far larger than the {DEFAULT_MAX_PIXELS / 1e6:g}-megapixel limit ({error}). "
+            "Scale it down and try again.",
+            param="image",
+        ) from error
     except UnidentifiedImageError as error:
         raise InvalidImageError("The data is not a picture in a format Pillow can read.", param="image") from error
     except FileNotFoundError as error:

@@ -30,6 +30,13 @@ def _bomb_b64() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _large_b64() -> str:
+    """10000×10000: over our 40 MP limit but under Pillow's own bomb guard, so our check answers."""
+    buffer = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _truncated_b64() -> str:
     buffer = io.BytesIO()
     Image.fromarray(make_picture(200, 150)).save(buffer, format="JPEG")
@@ -65,7 +72,8 @@ CASES = [
         "image_prompt",
     ),
     ("truncated picture", body(image_prompt=_truncated_b64()), 400, "truncated", "image_prompt"),
-    ("decompression bomb", body(image_prompt=_bomb_b64()), 413, "900.0 megapixels", "image_prompt"),
+    ("decompression bomb", body(image_prompt=_bomb_b64()), 413, "megapixel limit", "image_prompt"),
+    ("over the pixel limit", body(image_prompt=_large_b64()), 413, "100.0 megapixels; the limit is 40", "image_prompt"),
     ("prompt depth 2", body(segment_prompt=[[1, 2]]), 422, "segment_prompt[0][0]", "segment_prompt"),
     ("prompt depth 4", body(segment_prompt=[[[[1, 2]]]]), 422, "segment_prompt[0][0][0]", "segment_prompt"),
     ("empty prompt", body(segment_prompt=[]), 400, "no objects", "segment_prompt"),

@@ -210,3 +210,16 @@ def test_spaces_gpu_decorator_applies_only_on_zerogpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", fake)
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert app._spaces_gpu(handler) == ("wrapped", handler)
+
+
+def test_a_decompression_bomb_upload_is_refused_before_decoding(ui, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(bomb, optimize=True)
+    with pytest.raises(gr.Error, match="megapixel limit"):
+        ui.load_picture(str(bomb), app.new_state(HQ_ID), progress=lambda *a, **k: None)
+
+
+def test_the_canvas_hands_over_uploads_undecoded(ui):
+    demo = ui.build()
+    canvas = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "canvas")
+    assert canvas.type == "filepath" and canvas.image_mode is None
