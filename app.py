@@ -369,6 +369,9 @@ class SegmentationUI:
                     "area": result.area if result else None,
                     "percent": 100.0 * result.area / total if result else 0.0,
                     "points": len(obj["points"]),
+                    "candidate": f"{result.candidate + 1} of {result.candidates}"
+                    if result and result.candidates > 1
+                    else None,
                 }
             )
         return rows

@@ -135,7 +135,7 @@ def thumbnail(rgb: np.ndarray, labels: np.ndarray, value: int, max_side: int = 2
 
 
 def legend_html(rows: Sequence[dict], active: int | None = None) -> str:
-    """A table of objects: swatch, name, score, area, points; the active one highlighted."""
+    """A table of objects: swatch, name, score, area, points, chosen candidate; the active one highlighted."""
     if not rows:
         return "<p class='legend-empty'>No objects yet: click on the picture to add a point.</p>"
     body = []
@@ -148,9 +148,10 @@ def legend_html(rows: Sequence[dict], active: int | None = None) -> str:
             f"<tr style='{weight}'><td><span style='display:inline-block;width:14px;height:14px;border-radius:3px;"
             f"background:{hex_color(value)};vertical-align:middle'></span> {html.escape(str(row.get('name', f'Object {value}')))}"
             f"{' (active)' if value - 1 == active else ''}</td><td>{value}</td><td>{score}</td><td>{area}</td>"
-            f"<td>{row.get('points', 0)}</td></tr>"
+            f"<td>{row.get('points', 0)}</td><td>{html.escape(str(row.get('candidate') or '–'))}</td></tr>"
         )
     return (
-        "<table class='legend'><thead><tr><th>object</th><th>value</th><th>score</th><th>area</th><th>points</th></tr>"
+        "<table class='legend'><thead><tr><th>object</th><th>value</th><th>score</th><th>area</th><th>points</th>"
+        "<th>candidate</th></tr>"
         "</thead><tbody>" + "".join(body) + "</tbody></table>"
     )

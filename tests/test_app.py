@@ -102,6 +102,7 @@ def test_choosing_a_candidate_changes_only_the_active_object(ui, loaded):
     outputs = ui.choose(state, False, 0.5, SimpleNamespace(index=2))
     state = outputs[-2]
     assert [o.candidate for o in state["result"]["map"].objects] == [2, 0]
+    assert "3 of 3" in outputs[4]
 
 
 def test_sessions_are_independent(ui, tmp_path):

@@ -100,3 +100,20 @@ def test_upload_click_two_objects_and_download_the_mask(browser, server, tmp_pat
     assert {1, 2} <= set(np.unique(mask)), "both objects should have pixels"
     assert not errors, errors
     page.close()
+
+
+def test_an_example_picture_loads_with_one_click_and_segments(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(server.url)
+    page.locator("#examples img").nth(1).click()  # chelsea.jpg, 451×300
+    page.get_by_text("Picture 451×300 ready").wait_for()
+    _click_on_picture(page, 225, 150, 451, 300)
+    page.get_by_text("1 object(s)").wait_for()
+    page.locator("#candidates img").nth(2).wait_for()  # a single point: three candidates
+    page.locator("#legend").get_by_text("1 of 3").wait_for()
+    page.locator("#candidates button.thumbnail-item").nth(1).click()
+    page.locator("#legend").get_by_text("2 of 3").wait_for()
+    page.wait_for_function("!document.querySelector('#overlay .pending, #legend .pending')")
+    page.screenshot(path=str(ARTIFACTS / "browser-example.png"), full_page=True)
+    page.close()
