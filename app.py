@@ -552,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16 (SAMHQ_DTYPE)")
     parser.add_argument("--cache-mb", type=int, help="embedding cache bound in MB (SAMHQ_CACHE_MB)")
     parser.add_argument("--no-preload", action="store_true", help="don't embed the example pictures at start-up")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the image encoder at load (SAMHQ_COMPILE)"
+    )
     return parser.parse_args(argv)
 
 
@@ -570,6 +573,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["cache_mb"] = args.cache_mb
     if args.no_preload:
         changes["preload_examples"] = False
+    if args.compile:
+        changes["compile"] = True
     settings = dataclasses.replace(settings, **changes)
     if settings.models and settings.model not in settings.models:
         settings = dataclasses.replace(settings, models=(settings.model, *settings.models))

@@ -171,9 +171,10 @@ class Segmenter:
         dtype: str = "auto",
         cache_bytes: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        compile: bool = False,
     ) -> Segmenter:
         """Load `name` (hub id or folder). dtype `auto`: float32 on CPU; on GPU the half precision
-        whose masks agree with float32 on a test picture, else float32."""
+        whose masks agree with float32 on a test picture, else float32. `compile`: see `compile_encoder`."""
         torch_device = resolve_device(device)
         explicit = parse_dtype(dtype)
         loaded = load_model(name, torch_device, explicit)
@@ -183,7 +184,22 @@ class Segmenter:
             candidate = half_precision_candidate(torch_device)
             if candidate is not None:
                 segmenter = segmenter.with_precision_if_agreeing(candidate)
+        if compile:
+            segmenter.compile_encoder()
         return segmenter
+
+    def compile_encoder(self) -> float:
+        """`torch.compile` the image encoder and pay the compilation now, on a blank picture, not on a
+        visitor's first click. Returns the seconds it took. Off by default: on a CPU it costs far more
+        than it saves (docs/PERFORMANCE.md); worth measuring on a GPU."""
+        start = time.perf_counter()
+        self.model.vision_encoder = torch.compile(self.model.vision_encoder, dynamic=False)
+        size = self.loaded.processor.image_processor.pad_size
+        blank = torch.zeros(1, 3, size["height"], size["width"], device=self.device, dtype=self.dtype)
+        dec.encode(self.model, blank)
+        seconds = time.perf_counter() - start
+        log.info("%s: image encoder compiled in %.1f s", self.model_id, seconds)
+        return seconds
 
     @property
     def model_id(self) -> str:

@@ -93,6 +93,7 @@ class ModelRegistry:
                     dtype=self.settings.dtype,
                     cache_bytes=self.cache.max_bytes,
                     max_pixels=self.settings.max_pixels,
+                    compile=self.settings.compile,
                 )
             except ModelUnavailableError as error:
                 self._failures[name] = (time.monotonic(), error)

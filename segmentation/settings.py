@@ -18,6 +18,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be a number, got {raw!r}") from error
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw not in ("0", "false", "no", "off")
+
+
 def _env_list(name: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
@@ -39,6 +44,7 @@ class Settings:
     max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
+    compile: bool = False  # SAMHQ_COMPILE: torch.compile the image encoder at load
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -63,5 +69,6 @@ class Settings:
             max_body_mb=_env_int("SAMHQ_MAX_BODY_MB", 32),
             max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
-            preload_examples=os.environ.get("SAMHQ_PRELOAD_EXAMPLES", "1").strip().lower() not in ("0", "false", "no"),
+            preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),
+            compile=_env_flag("SAMHQ_COMPILE", False),
         )

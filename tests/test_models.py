@@ -84,3 +84,16 @@ def test_reduced_precision_is_used_only_where_masks_agree(segmenter):
     chosen = segmenter.with_precision_if_agreeing(torch.bfloat16, min_iou=0.0)
     assert chosen.dtype == torch.bfloat16
     assert chosen.segment_image(make_picture(40, 30), [[[5, 5]]]).best.labels.shape == (30, 40)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_masks():
+    picture = make_picture(64, 48, seed=9)
+    plain = Segmenter.from_pretrained(HQ_ID, device="cpu")
+    compiled = Segmenter.from_pretrained(HQ_ID, device="cpu", compile=True)
+    assert type(compiled.model.vision_encoder).__name__ == "OptimizedModule"
+    a, b = plain.embed(picture), compiled.embed(picture)
+    torch.testing.assert_close(a.image_embeddings, b.image_embeddings, atol=1e-4, rtol=1e-4)
+    np_a = plain.segment(a, [[[10, 10]]]).best.labels
+    np_b = compiled.segment(b, [[[10, 10]]]).best.labels
+    assert (np_a != np_b).mean() < 0.001
