@@ -26,7 +26,7 @@ import torch
 from . import decoder as dec
 from .cache import CacheStats, EmbeddingCache
 from .errors import InvalidPromptError, ModelUnavailableError, ResourceExhaustedError
-from .images import DEFAULT_MAX_PIXELS, ImageInput, image_size, load_image, pixel_hash
+from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image, pixel_hash
 from .masks import compose_label_map, object_stats, to_numpy_labels
 from .models import LoadedModel, half_precision_candidate, load_model, parse_dtype, resolve_device
 from .prompts import Prompt, padded_arrays, parse_prompt, to_model_coordinates
@@ -382,22 +382,10 @@ class Segmenter:
         return self.cache.stats()
 
 
-def describe(segmenter: Segmenter) -> dict[str, Any]:
-    """Facts for status lines and logs."""
-    return {
-        "model": segmenter.model_id,
-        "device": str(segmenter.device),
-        "dtype": str(segmenter.dtype).replace("torch.", ""),
-        "hq": segmenter.hq,
-    }
-
-
 __all__ = [
     "Embedding",
     "LabelMap",
     "ObjectResult",
     "Segmentation",
     "Segmenter",
-    "describe",
-    "image_size",
 ]

@@ -129,11 +129,6 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     return np.ascontiguousarray(array)
 
 
-def image_size(array: np.ndarray) -> tuple[int, int]:
-    """(width, height) of an HxWxC array, the order people and the API use."""
-    return int(array.shape[1]), int(array.shape[0])
-
-
 def pixel_hash(rgb: np.ndarray) -> str:
     """A digest of the decoded pixels: the same picture from any source shares one cache entry."""
     digest = hashlib.blake2b(digest_size=16)

@@ -18,7 +18,7 @@ import torch
 
 from .cache import EmbeddingCache
 from .engine import Embedding, LabelMap, ObjectResult, Segmenter, make_cache
-from .errors import InvalidPromptError, ModelUnavailableError, SegmentationError, UnknownModelError
+from .errors import ModelUnavailableError, SegmentationError, UnknownModelError
 from .masks import encode_png, object_stats, resize_nearest
 from .models import resolve_device
 from .settings import Settings
@@ -192,8 +192,6 @@ def segment(
     prompt = segmenter.parse(
         embedding, points, labels, max_objects=settings.max_objects, max_points=settings.max_points
     )
-    if isinstance(candidates, bool) or not isinstance(candidates, int):
-        raise InvalidPromptError(f"n must be an integer from 1 to 3, got {candidates!r}.", param="n")
     result = segmenter.segment(embedding, prompt, candidates=candidates, hq_token_only=hq_token_only)
     timings.update(result.timings)
     maps = result.candidates
