@@ -183,3 +183,18 @@ def test_pictures_of_every_kind_are_served(api):
 
 def test_png_b64_helper_round_trips():
     assert Image.open(io.BytesIO(base64.b64decode(png_b64()))).size == (160, 100)
+
+
+def test_an_unexpected_server_bug_is_a_json_500_without_a_traceback(monkeypatch):
+    from segmentation import service
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    app, _ = build_api()
+    monkeypatch.setattr(service, "segment", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post(URL, json=body())
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+    assert "secret internal detail" not in response.text and "Traceback" not in response.text

@@ -224,3 +224,20 @@ def test_the_canvas_hands_over_uploads_undecoded(ui):
     demo = ui.build()
     canvas = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "canvas")
     assert canvas.type == "filepath" and canvas.image_mode is None
+
+
+def test_changing_the_model_re_embeds_the_session_picture(tmp_path):
+    from conftest import SAM_ID
+
+    settings = Settings(model=HQ_ID, models=(HQ_ID, SAM_ID), preload_examples=False, device="cpu")
+    ui = app.SegmentationUI(ModelRegistry(settings), settings)
+    path = tmp_path / "m.png"
+    Image.fromarray(make_picture(120, 80, seed=6)).save(path)
+    state = ui.load_picture(str(path), app.new_state(HQ_ID), progress=lambda *a, **k: None)[-2]
+    hq_key = state["key"]
+    canvas, state, status = ui.change_model(SAM_ID, state, progress=lambda *a, **k: None)
+    assert state["model"] == SAM_ID and state["key"] != hq_key and SAM_ID in status
+    state = click(ui, state, 30, 30)[-2]
+    assert state["result"]["map"].labels.shape == (80, 120)
+    with pytest.raises(gr.Error, match="not served"):
+        ui.change_model("someone/else", state, progress=lambda *a, **k: None)

@@ -110,3 +110,13 @@ def test_async_client_concurrent_requests(server, picture):
 def test_encode_image_rejects_other_types():
     with pytest.raises(TypeError, match="base64 text, a path"):
         encode_image(3.5)
+
+
+def test_a_non_json_error_page_still_raises_with_its_status():
+    import httpx
+
+    from segmentation.client import _parse
+
+    with pytest.raises(SegmentationAPIError) as info:
+        _parse(httpx.Response(502, text="<html>Bad gateway</html>"))
+    assert info.value.status == 502 and "Bad gateway" in info.value.message
