@@ -1,14 +1,21 @@
 """SAM / SAM-HQ mask decoding split into a picture-only part and a per-click part.
 
-transformers' decoders recompute on every click what depends on the picture alone (for
-SAM-HQ about half of the decoder's work: the compressed ViT features and the embedding
-encoder) and slice away the tokens that `multimask_output` does not ask for. Here:
+transformers' decoders recompute on every click what depends on the picture alone and
+slice away the tokens that `multimask_output` does not ask for. Here:
 
-* `picture_features()` runs once per picture and keeps `hq_features` instead of the raw
-  intermediate ViT embeddings (smaller, and nothing per click depends on the rest);
+* `picture_features()` runs once per picture and keeps what the decoder can compute without
+  a prompt: the image embedding plus the no-mask embedding in the transformer's token layout,
+  the first two-way layer's projections of it (token→image keys and values, image→token
+  queries), and for SAM-HQ the HQ features (embedding encoder + compressed ViT features)
+  instead of the raw intermediate ViT embeddings. Smaller than what transformers keeps, and
+  about half of the SAM-HQ decoder's work no longer runs per click.
 * `decode()` runs every object of a prompt through the decoder in one batched call and
   returns all mask tokens with all IoU predictions, so each object can pick its own
   (multimask for a single point, the single-mask token for several).
+
+Every step applies transformers' own modules to the same values in the same order as its
+forward does; only the grouping changes (once per picture instead of once per click and
+object), so the masks equal the full forward's (tests/test_engine.py).
 
 The decode follows the official SAM-HQ `MaskDecoderHQ.predict_masks`: the masks are built
 from the image embedding *as refined by the two-way transformer*. transformers 5.x's
@@ -19,10 +26,45 @@ that step corrected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam_hq.modeling_sam_hq import eager_attention_forward
+
+
+@dataclass(frozen=True)
+class PictureFeatures:
+    """What the decoder needs of one picture, computed once. Token tensors are (1, 1, H*W, C)."""
+
+    tokens: torch.Tensor  # image embedding + no-mask dense embedding, token-major
+    keys: torch.Tensor  # first layer, token→image attention: key projection of tokens + positions
+    values: torch.Tensor  # first layer, token→image attention: value projection of tokens
+    queries: torch.Tensor  # first layer, image→token attention: query projection of tokens + positions
+    grid: tuple[int, int]  # (height, width) of the embedding grid, 64×64 for published checkpoints
+    hq_features: torch.Tensor | None  # (1, C/8, 4H, 4W) picture-only addend of the HQ mask features
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for f in fields(self) if isinstance(t := getattr(self, f.name), torch.Tensor)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device, pin: bool = False) -> PictureFeatures:
+        """The same features on `device`; host copies pinned when `pin` (fast transfers back)."""
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or tensor.device == device:
+                return tensor
+            moved = tensor.to(device, non_blocking=True)
+            return moved.pin_memory() if pin else moved
+
+        return replace(
+            self,
+            **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "grid"},
+        )
 
 
 @dataclass(frozen=True)
@@ -34,6 +76,12 @@ class DecoderOutput:
 
 def is_hq(model) -> bool:
     return hasattr(model.mask_decoder, "hq_token")
+
+
+def to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, 1, H*W, C) contiguous: the two-way transformer's layout, so the
+    per-click element-wise work runs on contiguous memory instead of transposed views."""
+    return grid.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
 
 
 @torch.inference_mode()
@@ -55,43 +103,104 @@ def hq_picture_features(model, image_embeddings: torch.Tensor, vit_features: tor
     return embed_encode + compressed
 
 
-def image_positional_embeddings(model) -> torch.Tensor:
-    """The dense positional encoding of the embedding grid: depends on the weights alone."""
+def positional_tokens(model) -> torch.Tensor:
+    """The dense positional encoding of the embedding grid, token-major: depends on the weights alone."""
     with torch.inference_mode():
-        return model.get_image_wide_positional_embeddings()
+        return to_tokens(model.get_image_wide_positional_embeddings())
+
+
+@torch.inference_mode()
+def picture_features(
+    model, image_embeddings: torch.Tensor, vit_features: torch.Tensor | None, positions: torch.Tensor
+) -> PictureFeatures:
+    """Everything of the decoder that depends on the picture alone (see the module docstring)."""
+    no_mask = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    tokens = to_tokens(image_embeddings + no_mask)
+    first = model.mask_decoder.transformer.layers[0]
+    with_positions = tokens + positions
+    hq = is_hq(model) and vit_features is not None
+    return PictureFeatures(
+        tokens=tokens,
+        keys=first.cross_attn_token_to_image.k_proj(with_positions),
+        values=first.cross_attn_token_to_image.v_proj(tokens),
+        queries=first.cross_attn_image_to_token.q_proj(with_positions),
+        grid=(int(image_embeddings.shape[-2]), int(image_embeddings.shape[-1])),
+        hq_features=hq_picture_features(model, image_embeddings, vit_features) if hq else None,
+    )
+
+
+def _attend(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`SamHQAttention.forward` from its projected inputs on: heads, attention, output projection.
+
+    Inputs are (batch, point_batch, tokens, internal); a picture's cached projection has
+    batch 1 and is broadcast over the objects without copying.
+    """
+    point_batch = query.shape[1]
+    heads = attention.num_attention_heads
+    query, key, value = (attention._separate_heads(x, heads) for x in (query, key, value))
+    batch = max(query.shape[0], key.shape[0])
+    query, key, value = (x.expand(batch, -1, -1, -1) for x in (query, key, value))
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    output, _ = interface(
+        attention, query, key, value, attention_mask=None, dropout=0.0, scaling=attention.scaling, is_causal=False
+    )
+    return attention.out_proj(attention._recombine_heads(output, point_batch))
+
+
+def _two_way_transformer(
+    transformer, point_embeddings: torch.Tensor, picture: PictureFeatures, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`SamHQTwoWayTransformer.forward` with the first layer's picture-only projections taken from
+    `picture`. Returns (queries (1, N, T, C), refined image tokens (N, 1, H*W, C))."""
+    first = transformer.layers[0]
+    if not first.skip_first_layer_pe:
+        raise ValueError("unexpected two-way transformer: its first layer adds positions to the tokens")
+    queries, _ = first.self_attn(query=point_embeddings, key=point_embeddings, value=point_embeddings)
+    queries = first.layer_norm1(queries)
+    to_image = first.cross_attn_token_to_image
+    attn_out = _attend(to_image, to_image.q_proj(queries + point_embeddings), picture.keys, picture.values)
+    queries = first.layer_norm2(queries + attn_out)
+    queries = first.layer_norm3(queries + first.mlp(queries))
+    to_token = first.cross_attn_image_to_token
+    with_positions = queries + point_embeddings
+    attn_out = _attend(to_token, picture.queries, to_token.k_proj(with_positions), to_token.v_proj(queries))
+    keys = first.layer_norm4(picture.tokens + attn_out)
+
+    for layer in transformer.layers[1:]:
+        queries, keys, _ = layer(
+            queries=queries,
+            keys=keys,
+            query_point_embedding=point_embeddings,
+            key_point_embedding=positions,
+            attention_similarity=None,
+        )
+    attn_out, _ = transformer.final_attn_token_to_image(
+        query=queries + point_embeddings, key=keys + positions, value=keys
+    )
+    queries = transformer.layer_norm_final_attn(queries + attn_out)
+    return queries, keys
 
 
 @torch.inference_mode()
 def decode(
-    model,
-    image_embeddings: torch.Tensor,
-    hq_features: torch.Tensor | None,
-    positional: torch.Tensor,
-    points: torch.Tensor,
-    labels: torch.Tensor,
+    model, picture: PictureFeatures, positions: torch.Tensor, points: torch.Tensor, labels: torch.Tensor
 ) -> DecoderOutput:
-    """Decode N objects at once. `points` (N, P, 2) in the model's 1024 frame, `labels` (N, P)."""
+    """Decode N objects at once. `points` (N, P, 2) in the model's 1024 frame, `labels` (N, P);
+    `positions` from `positional_tokens(model)`."""
     decoder = model.mask_decoder
     n_objects = points.shape[0]
-    sparse, dense = model.prompt_encoder(
+    sparse, _ = model.prompt_encoder(
         input_points=points.unsqueeze(0), input_labels=labels.unsqueeze(0), input_boxes=None, input_masks=None
     )
-    hq = hq_features is not None
+    hq = picture.hq_features is not None
     tokens = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hq_token.weight] if hq else [])
     output_tokens = torch.cat(tokens, dim=0).repeat(1, n_objects, 1, 1)
     queries_in = torch.cat([output_tokens, sparse], dim=2).to(decoder.iou_token.weight.dtype)
+    queries, keys = _two_way_transformer(decoder.transformer, queries_in, picture, positions)
 
-    _, channels, height, width = image_embeddings.shape
-    source = (image_embeddings + dense).repeat_interleave(n_objects, 0)
-    source_pe = positional.repeat_interleave(n_objects, 0)
-    queries, keys = decoder.transformer(
-        point_embeddings=queries_in,
-        image_embeddings=source,
-        image_positional_embeddings=source_pe,
-        attention_similarity=None,
-    )
     # keys: (N, 1, H*W, C) → (N, C, H, W), the refined embedding the official decoder upscales.
-    refined = keys.transpose(2, 3).reshape(n_objects, channels, height, width)
+    height, width = picture.grid
+    refined = keys.transpose(2, 3).reshape(n_objects, keys.shape[-1], height, width)
     act = decoder.activation
     upscaled = act(decoder.upscale_conv2(act(decoder.upscale_layer_norm(decoder.upscale_conv1(refined)))))
 
@@ -104,7 +213,7 @@ def decode(
 
     hq_masks = None
     if hq:
-        mask_features = decoder.mask_conv2(act(decoder.mask_norm(decoder.mask_conv1(upscaled)))) + hq_features
+        mask_features = decoder.mask_conv2(act(decoder.mask_norm(decoder.mask_conv1(upscaled)))) + picture.hq_features
         hq_hyper = decoder.hq_mask_mlp(mask_tokens[:, n_sam, :]).unsqueeze(1)
         hq_masks = (hq_hyper @ mask_features.flatten(2)).reshape(n_objects, 1, *size)
 

@@ -45,8 +45,7 @@ class Embedding:
     key: str  # pixel hash of the decoded RGB picture
     original_size: tuple[int, int]  # (height, width) of the upright picture
     resized_size: tuple[int, int]  # (height, width) inside the model's 1024 frame
-    image_embeddings: torch.Tensor  # (1, C, 64, 64)
-    hq_features: torch.Tensor | None  # (1, C/8, 256, 256) picture-only HQ features (SAM-HQ)
+    features: dec.PictureFeatures  # what the decoder needs of the picture, computed once
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds it took to make
 
     @property
@@ -59,28 +58,19 @@ class Embedding:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.image_embeddings] + ([self.hq_features] if self.hq_features is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.features.nbytes
 
     def to(self, device: torch.device | str) -> Embedding:
         """The same embedding with its tensors on `device` (host copies are pinned for fast transfers back)."""
         device = torch.device(device)
         pin = device.type == "cpu" and torch.cuda.is_available()
-
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None or tensor.device == device:
-                return tensor
-            moved = tensor.to(device, non_blocking=True)
-            return moved.pin_memory() if pin else moved
-
-        return dataclasses.replace(
-            self, image_embeddings=move(self.image_embeddings), hq_features=move(self.hq_features)
-        )
+        return dataclasses.replace(self, features=self.features.to(device, pin=pin))
 
     @property
     def grid_tokens(self) -> int:
         """Image tokens: cells of the embedding grid (64×64 for every published checkpoint)."""
-        return int(self.image_embeddings.shape[-1] * self.image_embeddings.shape[-2])
+        height, width = self.features.grid
+        return height * width
 
 
 @dataclass(frozen=True)
@@ -159,7 +149,7 @@ class Segmenter:
         self.cache: EmbeddingCache[Embedding] = cache if cache is not None else make_cache(loaded.device)
         self.max_pixels = max_pixels
         self.hq = dec.is_hq(self.model)
-        self._positional = dec.image_positional_embeddings(self.model)
+        self._positions = dec.positional_tokens(self.model)
         self._encode_lock = threading.Lock()
 
     @classmethod
@@ -263,13 +253,13 @@ class Segmenter:
         preprocess = time.perf_counter() - start
         start = time.perf_counter()
         image_embeddings, vit_features = dec.encode(self.model, pixel_values)
-        hq_features = dec.hq_picture_features(self.model, image_embeddings, vit_features) if self.hq else None
+        features = dec.picture_features(self.model, image_embeddings, vit_features, self._positions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings = {"preprocess": preprocess, "encoder": time.perf_counter() - start}
         original = tuple(int(v) for v in inputs["original_sizes"][0])
         resized = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
-        return Embedding(self.model_id, key, original, resized, image_embeddings, hq_features, timings)
+        return Embedding(self.model_id, key, original, resized, features, timings)
 
     # ---- prompts --------------------------------------------------------------------------
 
@@ -309,9 +299,7 @@ class Segmenter:
         labels_t = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
         ambiguous = torch.tensor([obj.ambiguous for obj in prompt.objects], device=self.device)
         with self._out_of_memory_guard("segmenting"):
-            output = dec.decode(
-                self.model, embedding.image_embeddings, embedding.hq_features, self._positional, points_t, labels_t
-            )
+            output = dec.decode(self.model, embedding.features, self._positions, points_t, labels_t)
             ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only and self.hq)
             scores = ranked.scores.float().cpu().numpy()  # also waits for the device to finish the decode
             timings["decoder"] = time.perf_counter() - start

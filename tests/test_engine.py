@@ -24,9 +24,8 @@ def _our_logits(segmenter, embedding, prompt, labels, hq_token_only=False):
     model_points = to_model_coordinates(points, embedding.original_size, embedding.resized_size)
     output = dec.decode(
         segmenter.model,
-        embedding.image_embeddings,
-        embedding.hq_features,
-        segmenter._positional,
+        embedding.features,
+        segmenter._positions,
         torch.tensor(model_points, dtype=torch.float32),
         torch.tensor(point_labels),
     )
@@ -96,13 +95,17 @@ def test_objects_of_equal_length_need_no_padding(segmenter):
 
 
 def test_all_objects_go_through_the_decoder_in_one_call(segmenter, picture):
-    calls = []
-    handle = segmenter.model.mask_decoder.transformer.register_forward_hook(lambda m, i, o: calls.append(1))
+    embedding = segmenter.embed(picture)
+    final_attention = segmenter.model.mask_decoder.transformer.final_attn_token_to_image
+    batches = []
+    hook = final_attention.register_forward_hook(
+        lambda m, args, kwargs, out: batches.append(out[0].shape[1]), with_kwargs=True
+    )
     try:
-        segmenter.segment(segmenter.embed(picture), PROMPT, LABELS, candidates=2)
+        segmenter.segment(embedding, PROMPT, LABELS, candidates=2)
     finally:
-        handle.remove()
-    assert len(calls) == 1
+        hook.remove()
+    assert batches == [len(PROMPT)]  # one call, all objects side by side
 
 
 def test_candidates_rank_by_predicted_iou_and_single_masks_repeat(segmenter, picture):
@@ -160,9 +163,9 @@ def test_embeddings_without_intermediate_silently_drop_hq_fusion(segmenter, pict
         with_hq = model(image_embeddings=image_embeddings, intermediate_embeddings=intermediate, **points).pred_masks
     assert not torch.allclose(without, with_hq)
     embedding = segmenter.embed(picture)
-    assert embedding.hq_features is not None
+    assert embedding.features.hq_features is not None
     expected = dec.hq_picture_features(model, image_embeddings, intermediate[0])
-    torch.testing.assert_close(embedding.hq_features, expected)
+    torch.testing.assert_close(embedding.features.hq_features, expected)
 
 
 def test_more_than_255_objects_give_a_uint16_map(segmenter):
@@ -193,11 +196,16 @@ def test_float_coordinates_are_accepted(segmenter, picture):
 
 def test_embedding_entry_keeps_picture_only_features(segmenter, sam_segmenter, picture):
     hq = segmenter.embed(picture)
-    assert tuple(hq.image_embeddings.shape[-2:]) == (64, 64)
-    assert hq.grid_tokens == 4096
-    assert hq.nbytes == hq.image_embeddings.numel() * 4 + hq.hq_features.numel() * 4
+    features = hq.features
+    channels = segmenter.model.config.mask_decoder_config.hidden_size
+    assert features.grid == (64, 64) and hq.grid_tokens == 4096
+    assert features.tokens.shape == (1, 1, 4096, channels)
+    for projection in (features.keys, features.values, features.queries):
+        assert projection.shape == (1, 1, 4096, channels // 2)  # the attention's downsampled width
+    assert features.hq_features.shape == (1, channels // 8, 256, 256)
+    assert hq.nbytes == sum(t.numel() * 4 for t in features.tensors()) and len(features.tensors()) == 5
     sam = sam_segmenter.embed(picture)
-    assert sam.hq_features is None
+    assert sam.features.hq_features is None and len(sam.features.tensors()) == 4
 
 
 def test_choices_pick_each_objects_candidate(segmenter, picture):

@@ -93,7 +93,7 @@ def test_compiled_encoder_gives_the_same_masks():
     compiled = Segmenter.from_pretrained(HQ_ID, device="cpu", compile=True)
     assert type(compiled.model.vision_encoder).__name__ == "OptimizedModule"
     a, b = plain.embed(picture), compiled.embed(picture)
-    torch.testing.assert_close(a.image_embeddings, b.image_embeddings, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.features.tokens, b.features.tokens, atol=1e-4, rtol=1e-4)
     np_a = plain.segment(a, [[[10, 10]]]).best.labels
     np_b = compiled.segment(b, [[[10, 10]]]).best.labels
     assert (np_a != np_b).mean() < 0.001
