@@ -310,7 +310,9 @@ class Segmenter:
             rows = torch.arange(len(prompt), device=self.device)
             for plan in plans:
                 chosen = ranked.logits[rows, torch.as_tensor(plan, device=self.device)]
-                labels_map = compose_label_map(chosen, embedding.resized_size, embedding.original_size)
+                labels_map = to_numpy_labels(
+                    compose_label_map(chosen, embedding.resized_size, embedding.original_size), len(prompt)
+                )
                 objects = tuple(
                     ObjectResult(
                         value=s.value,
@@ -322,7 +324,7 @@ class Segmenter:
                     )
                     for s in object_stats(labels_map, len(prompt))
                 )
-                maps.append(LabelMap(to_numpy_labels(labels_map, len(prompt)), objects))
+                maps.append(LabelMap(labels_map, objects))
             timings["postprocess"] = time.perf_counter() - start
         return Segmentation(candidates=tuple(maps), timings=timings)
 

@@ -6,6 +6,8 @@ A label map is one integer image of the picture's size: 0 background, k the k-th
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,9 @@ from .decoder import upscale_logits
 
 # Upscaled logits are float32 at the picture's size; bound how many are alive at once.
 _MAX_UPSCALED_VALUES = 48_000_000
+# Bounding boxes: scanning the map once per object is fastest for a few objects (~0.5 ms each
+# at 1.5 megapixels); beyond this many, one pass that tabulates every value wins.
+_SCAN_PER_VALUE_UP_TO = 12
 
 
 @dataclass(frozen=True)
@@ -53,25 +58,35 @@ def compose_label_map(
     return labels
 
 
-@torch.inference_mode()
-def object_stats(labels: torch.Tensor, n_objects: int) -> list[ObjectStats]:
-    """Area and bounding box of each object value 1..n in one pass over the label map."""
-    height, width = labels.shape
-    flat = labels.flatten().long()
-    areas = torch.bincount(flat, minlength=n_objects + 1)
-    rows = torch.arange(height, device=labels.device).repeat_interleave(width)
-    cols = torch.arange(width, device=labels.device).repeat(height)
-    size = n_objects + 1
-    x0 = torch.full((size,), width, device=labels.device).scatter_reduce(0, flat, cols, "amin")
-    x1 = torch.full((size,), -1, device=labels.device).scatter_reduce(0, flat, cols, "amax")
-    y0 = torch.full((size,), height, device=labels.device).scatter_reduce(0, flat, rows, "amin")
-    y1 = torch.full((size,), -1, device=labels.device).scatter_reduce(0, flat, rows, "amax")
-    table = torch.stack([areas[:size], x0, y0, x1, y1], dim=1).cpu().tolist()
+def object_stats(labels: np.ndarray, n_objects: int) -> list[ObjectStats]:
+    """Area and bounding box of each object value 1..n of a label map."""
+    areas = np.bincount(labels.ravel(), minlength=n_objects + 1)
+    if n_objects <= _SCAN_PER_VALUE_UP_TO:
+        rows_with = [np.any(labels == value, axis=1) if areas[value] else None for value in range(n_objects + 1)]
+        cols_with = [np.any(labels == value, axis=0) if areas[value] else None for value in range(n_objects + 1)]
+    else:  # one pass for all values: which values occur in each row and in each column
+        rows_with, cols_with = (
+            _occurrence_table(labels, n_objects, axis=1),
+            _occurrence_table(labels, n_objects, axis=0),
+        )
     stats = []
-    for value in range(1, size):
-        area, bx0, by0, bx1, by1 = table[value]
-        stats.append(ObjectStats(value, int(area), (bx0, by0, bx1, by1) if area else None))
+    for value in range(1, n_objects + 1):
+        bbox = None
+        if areas[value]:
+            rows, cols = np.flatnonzero(rows_with[value]), np.flatnonzero(cols_with[value])
+            bbox = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+        stats.append(ObjectStats(value, int(areas[value]), bbox))
     return stats
+
+
+def _occurrence_table(labels: np.ndarray, n_objects: int, axis: int) -> np.ndarray:
+    """(n+1, lines) bool: whether value v occurs in line i (rows for axis=1, columns for axis=0)."""
+    values = n_objects + 1
+    lines = labels.shape[1 - axis]
+    line_index = np.arange(lines, dtype=np.int64)
+    line_index = line_index[:, None] if axis == 1 else line_index[None, :]
+    counts = np.bincount((labels + values * line_index).ravel(), minlength=values * lines)
+    return counts.reshape(lines, values).T > 0
 
 
 def to_numpy_labels(labels: torch.Tensor, n_objects: int) -> np.ndarray:
@@ -81,16 +96,34 @@ def to_numpy_labels(labels: torch.Tensor, n_objects: int) -> np.ndarray:
 
 
 def encode_png(label_map: np.ndarray) -> bytes:
-    """A lossless single-channel PNG (8-bit, or 16-bit beyond 255 objects) of the label map."""
+    """A lossless single-channel PNG (8-bit, or 16-bit beyond 255 objects) of the label map.
+
+    Written here rather than by Pillow: a label map is long runs of a few values, so rows
+    left unfiltered and zlib's run-length strategy compress about as well as Pillow's
+    per-row adaptive filters, in half the time or less (docs/PERFORMANCE.md).
+    """
     if label_map.dtype == np.uint8:
-        image = Image.fromarray(label_map, "L")
+        bit_depth, samples = 8, label_map
     elif label_map.dtype == np.uint16:
-        image = Image.fromarray(label_map.astype("<u2"), "I;16")
+        bit_depth, samples = 16, label_map.astype(">u2")  # PNG stores 16-bit samples big-endian
     else:
         raise ValueError(f"label maps are uint8 or uint16, got {label_map.dtype}")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    if label_map.ndim != 2 or 0 in label_map.shape:
+        raise ValueError(f"a label map is a non-empty 2-D array, got shape {label_map.shape}")
+    height, width = label_map.shape
+    scanlines = np.zeros((height, 1 + width * samples.itemsize), dtype=np.uint8)  # byte 0: filter type None
+    scanlines[:, 1:] = np.ascontiguousarray(samples).view(np.uint8).reshape(height, -1)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    pixels = compressor.compress(scanlines) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # grayscale, no interlace
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def decode_png(data: bytes) -> np.ndarray:

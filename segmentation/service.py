@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from .cache import EmbeddingCache
 from .engine import Embedding, LabelMap, ObjectResult, Segmenter, make_cache
@@ -143,7 +142,7 @@ class AdmissionGate:
 def _resized(label_map: LabelMap, width: int, height: int) -> LabelMap:
     """The map at another size; areas and boxes re-measured so they describe the mask returned."""
     labels = resize_nearest(label_map.labels, width, height)
-    stats = object_stats(torch.from_numpy(labels.astype(np.int32)), len(label_map.objects))
+    stats = object_stats(labels, len(label_map.objects))
     objects = tuple(
         ObjectResult(value=s.value, score=o.score, area=s.area, bbox=s.bbox) for s, o in zip(stats, label_map.objects)
     )

@@ -6,13 +6,14 @@ import io
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from segmentation import InvalidImageError, InvalidPromptError
 from segmentation.images import load_image
-from segmentation.masks import decode_png, encode_png, resize_nearest
+from segmentation.masks import decode_png, encode_png, object_stats, resize_nearest
 from segmentation.prompts import parse_prompt, resized_shape, to_model_coordinates
 
 json_scalars = st.one_of(
@@ -103,3 +104,40 @@ def test_png_round_trip_and_nearest_resize_keep_values_categorical(labels, out_w
     resized = resize_nearest(label_map, out_w, out_h)
     assert resized.shape == (out_h, out_w) and resized.dtype == dtype
     assert set(np.unique(resized)) <= set(np.unique(label_map))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 40),  # both ways of finding boxes: a scan per object (few objects) and one table pass
+    shape=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    seed=st.integers(0, 2**31),
+    sparsity=st.integers(0, 4),
+)
+def test_object_stats_equal_a_brute_force_count(n, shape, seed, sparsity):
+    rng = np.random.default_rng(seed)
+    label_map = rng.integers(0, n + 1, size=shape)
+    label_map[rng.integers(0, 5, size=shape) < sparsity] = 0  # some objects end up with no pixel
+    label_map = label_map.astype(np.uint8 if n <= 255 else np.uint16)
+    stats = object_stats(label_map, n)
+    assert [s.value for s in stats] == list(range(1, n + 1))
+    for s in stats:
+        ys, xs = np.nonzero(label_map == s.value)
+        assert s.area == len(xs)
+        assert s.bbox == ((xs.min(), ys.min(), xs.max(), ys.max()) if len(xs) else None)
+
+
+def test_png_is_a_plain_grayscale_png_that_other_decoders_read():
+    label_map = np.zeros((37, 53), dtype=np.uint8)
+    label_map[5:20, 10:40] = 1
+    label_map[25:, :7] = 2
+    image = Image.open(io.BytesIO(encode_png(label_map)))
+    image.verify()  # checks every chunk's CRC
+    image = Image.open(io.BytesIO(encode_png(label_map)))
+    assert (image.format, image.mode, image.size) == ("PNG", "L", (53, 37))
+    np.testing.assert_array_equal(np.asarray(image), label_map)
+    wide = label_map.astype(np.uint16) * 300
+    assert Image.open(io.BytesIO(encode_png(wide))).mode.startswith("I")
+    np.testing.assert_array_equal(decode_png(encode_png(wide)), wide)
+    for bad in (label_map.astype(np.int32), np.zeros((0, 4), np.uint8), np.zeros((2, 2, 2), np.uint8)):
+        with pytest.raises(ValueError):
+            encode_png(bad)
