@@ -201,9 +201,9 @@ def create_router(registry: service.ModelRegistry, settings: Settings) -> APIRou
         if body.user:
             log.info("segmentation request from user %r for %s", body.user, body.model)
 
-        def work() -> service.SegmentResult:
+        def work() -> SegmentationResponse:  # in a worker thread, PNG encoding included: the event loop stays free
             with gate:
-                return service.segment(
+                result = service.segment(
                     registry,
                     image=picture,
                     points=body.segment_prompt,
@@ -213,8 +213,9 @@ def create_router(registry: service.ModelRegistry, settings: Settings) -> APIRou
                     hq_token_only=body.hq_token_only,
                     size=size,
                 )
+            return build_response(result)
 
-        return build_response(await run_in_threadpool(work))
+        return await run_in_threadpool(work)
 
     @router.get("/v1/models", response_model=ModelList, tags=["models"])
     async def list_models() -> ModelList:

@@ -3,6 +3,10 @@
 Single-flight: when several callers ask for the same missing key at once, one runs the
 (seconds-long) encoder and the others wait for its result instead of encoding again.
 
+Aliases: a second name for an entry (the engine links the digest of a picture's encoded
+bytes to the entry keyed by its decoded pixels), so a picture sent again as the same file
+is found without decoding it.
+
 Two tiers, for accelerators: at most `device_bytes` of the entries stay where they were
 computed (GPU memory); less recently used ones are spilled with `to_host` (host memory) and
 brought back with `to_device` on their next hit. `max_bytes` bounds both tiers together.
@@ -51,6 +55,7 @@ class EmbeddingCache(Generic[V]):
         device_bytes: int | None = None,
         to_host: Callable[[V], V] | None = None,
         to_device: Callable[[V], V] | None = None,
+        max_aliases: int = 4096,
     ):
         if max_bytes < 0 or (device_bytes is not None and device_bytes < 0):
             raise ValueError("cache bounds must be >= 0")
@@ -63,6 +68,8 @@ class EmbeddingCache(Generic[V]):
         self._on_device: OrderedDict[Hashable, int] = OrderedDict()  # LRU of device-resident keys → size
         self._device_used = 0
         self._in_flight: dict[Hashable, Future] = {}
+        self._aliases: OrderedDict[Hashable, Hashable] = OrderedDict()  # alias → key, LRU
+        self.max_aliases = max_aliases
         self._bytes = 0
         self._hits = self._misses = self._evictions = self._spills = 0
         self._lock = threading.Lock()
@@ -75,6 +82,25 @@ class EmbeddingCache(Generic[V]):
                 return None
             self._hits += 1
             return self._touch(key)
+
+    def get_by_alias(self, alias: Hashable) -> V | None:
+        """The entry `alias` was linked to, if both are still here. Counts a hit when found and
+        nothing otherwise: the caller then asks for the entry's own key, which counts."""
+        with self._lock:
+            key = self._aliases.get(alias)
+            if key is None or key not in self._entries:
+                return None
+            self._aliases.move_to_end(alias)
+            self._hits += 1
+            return self._touch(key)
+
+    def link(self, alias: Hashable, key: Hashable) -> None:
+        """Make `alias` a second name for `key` (the least recently used aliases are forgotten first)."""
+        with self._lock:
+            self._aliases[alias] = key
+            self._aliases.move_to_end(alias)
+            while len(self._aliases) > self.max_aliases:
+                self._aliases.popitem(last=False)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> tuple[V, bool]:
         """(value, was_cached). Concurrent callers of one missing key share one `compute()`.
@@ -172,6 +198,7 @@ class EmbeddingCache(Generic[V]):
             self._evictions += len(self._entries)
             self._entries.clear()
             self._on_device.clear()
+            self._aliases.clear()
             self._bytes = self._device_used = 0
 
     def keys(self) -> list[Hashable]:

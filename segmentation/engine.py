@@ -26,7 +26,7 @@ import torch
 from . import decoder as dec
 from .cache import CacheStats, EmbeddingCache
 from .errors import InvalidPromptError, ModelUnavailableError, ResourceExhaustedError
-from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image, pixel_hash
+from .images import DEFAULT_MAX_PIXELS, ImageInput, encoded_digest, load_image, pixel_hash
 from .masks import compose_label_map, object_stats, to_numpy_labels
 from .models import LoadedModel, half_precision_candidate, load_model, parse_dtype, resolve_device
 from .prompts import Prompt, padded_arrays, parse_prompt, to_model_coordinates
@@ -210,17 +210,33 @@ class Segmenter:
         return load_image(image, self.max_pixels)
 
     def cache_key(self, rgb: np.ndarray) -> str:
-        return f"{self.model_id}|{str(self.dtype).replace('torch.', '')}|{pixel_hash(rgb)}"
+        return f"{self._key_prefix}|{pixel_hash(rgb)}"
+
+    @property
+    def _key_prefix(self) -> str:
+        """Models may share one cache: every key names the model and precision that made it."""
+        return f"{self.model_id}|{str(self.dtype).replace('torch.', '')}"
 
     def embed(self, image: ImageInput) -> Embedding:
         """The picture's embedding, from the cache or by running the encoder once."""
         return self.embed_with_info(image)[0]
 
     def embed_with_info(self, image: ImageInput, *, key: str | None = None) -> tuple[Embedding, bool]:
-        """(embedding, was_cached). `key` skips hashing when the caller already knows it."""
+        """(embedding, was_cached). `key` skips hashing when the caller already knows it.
+
+        Encoded bytes seen before (the HTTP API's case: a client sends the same file with
+        every click) find their embedding by a digest of the bytes, without decoding them.
+        """
+        digest = encoded_digest(image) if key is None else None
+        source = f"{self._key_prefix}|{digest}" if digest else None
+        if source is not None and (known := self.cache.get_by_alias(source)) is not None:
+            return known, True
         rgb = self.prepare(image)
         key = key or self.cache_key(rgb)
-        return self.cache.get_or_compute(key, lambda: self._encode(rgb, key))
+        embedding, cached = self.cache.get_or_compute(key, lambda: self._encode(rgb, key))
+        if source is not None:
+            self.cache.link(source, key)
+        return embedding, cached
 
     def cached(self, key: str) -> Embedding | None:
         """The embedding under `key` if it is still cached (no hashing, no encode)."""

@@ -129,6 +129,14 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     return np.ascontiguousarray(array)
 
 
+def encoded_digest(image: object) -> str | None:
+    """A digest of a picture's encoded bytes (None for other inputs): cheap next to decoding
+    and hashing the pixels, and the same bytes always decode to the same pixels."""
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        return None
+    return "encoded:" + hashlib.blake2b(image, digest_size=16).hexdigest()
+
+
 def pixel_hash(rgb: np.ndarray) -> str:
     """A digest of the decoded pixels: the same picture from any source shares one cache entry."""
     digest = hashlib.blake2b(digest_size=16)

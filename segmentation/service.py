@@ -183,11 +183,8 @@ def segment(
     segmenter = registry.get(model)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    rgb = segmenter.prepare(image)
-    timings["decode_image"] = time.perf_counter() - start
-    start = time.perf_counter()
-    embedding, cached = segmenter.embed_with_info(rgb)
-    timings["encoder"] = time.perf_counter() - start
+    embedding, cached = segmenter.embed_with_info(image)
+    timings["embed"] = time.perf_counter() - start  # decode + encoder, or a cache lookup
     prompt = segmenter.parse(
         embedding, points, labels, max_objects=settings.max_objects, max_points=settings.max_points
     )

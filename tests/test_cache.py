@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from conftest import make_picture
+from PIL import Image
 
 from segmentation import EmbeddingCache
 
@@ -96,6 +98,43 @@ def test_shed_frees_the_oldest_half():
         cache.put(key, Blob(key, 10))
     assert cache.shed(0.5) == 20
     assert cache.keys() == ["c", "d"]
+
+
+def test_aliases_name_live_entries_are_bounded_and_count_only_hits():
+    cache = EmbeddingCache(max_bytes=20, max_aliases=2)
+    cache.put("a", Blob("a", 10))
+    cache.link("file-a", "a")
+    assert cache.get_by_alias("file-a").name == "a"
+    assert cache.get_by_alias("never-linked") is None
+    assert (cache.stats().hits, cache.stats().misses) == (1, 0)  # the caller's fallback lookup counts
+    cache.put("b", Blob("b", 10))
+    cache.put("c", Blob("c", 10))  # evicts a: its alias leads nowhere now
+    assert cache.get_by_alias("file-a") is None
+    cache.link("file-b", "b")
+    cache.link("file-c", "c")  # third alias: the least recently used one (file-a) is forgotten
+    assert "file-a" not in cache._aliases and len(cache._aliases) == 2
+    cache.clear()
+    assert cache.get_by_alias("file-b") is None and not cache._aliases
+
+
+def test_the_same_encoded_bytes_skip_decoding_and_hashing(segmenter, monkeypatch):
+    from segmentation import engine
+
+    segmenter.cache.clear()
+    data = io.BytesIO()
+    Image.fromarray(make_picture(90, 70, seed=41)).save(data, format="PNG")
+    first, cached = segmenter.embed_with_info(data.getvalue())
+    assert not cached
+    decodes = []
+    monkeypatch.setattr(engine, "load_image", lambda *a, **k: decodes.append(1) or pytest.fail("decoded again"))
+    again, cached = segmenter.embed_with_info(data.getvalue())
+    assert cached and again is first and not decodes
+    monkeypatch.undo()
+    # other bytes of the same pixels (another encoding) decode, then find the entry by its pixels
+    other = io.BytesIO()
+    Image.fromarray(make_picture(90, 70, seed=41)).save(other, format="BMP")
+    same_pixels, cached = segmenter.embed_with_info(other.getvalue())
+    assert cached and same_pixels is first
 
 
 def test_segmenter_encodes_once_for_concurrent_requests_of_one_picture(segmenter):
