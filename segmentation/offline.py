@@ -24,6 +24,9 @@ VIT_SHAPES: dict[str, dict] = {
     "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
     # Small enough for unit tests on a 2-core CPU, same input resolution and code paths.
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1]),
+    # The published decoder (and ViT-B's feature width) behind a one-layer encoder: tests of the
+    # decoder at the sizes it runs at in production, without the cost of a real encoder.
+    "base-decoder": dict(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, global_attn_indexes=[0]),
 }
 
 SNAPSHOT_REVISION = "0" * 40

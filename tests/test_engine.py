@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from conftest import make_picture
-from reference import PAD, reference_label_map, reference_object_logits
+from reference import PAD, corrected_hq_decoder, reference_label_map, reference_object_logits
 
 from segmentation import InvalidPromptError
 from segmentation import decoder as dec
@@ -228,3 +230,45 @@ def test_choices_pick_each_objects_candidate(segmenter, picture):
         segmenter.segment(embedding, PROMPT, LABELS, choices=[[0, 0]])
     with pytest.raises(InvalidPromptError, match="0, 1 or 2"):
         segmenter.segment(embedding, PROMPT, LABELS, choices=[[0, 0, 3, 0]])
+
+
+@pytest.mark.parametrize("family", ["sam_hq", "sam"])
+def test_decoder_equals_transformers_at_the_published_sizes(family):
+    """The tiny test checkpoints run other kernel shapes than production: check the decoder at
+    ViT-B's sizes too (256-wide two-way transformer, 64×64 grid, 768-wide ViT features)."""
+    from segmentation.offline import build_random_model
+
+    model = build_random_model(family, "base-decoder", seed=5, logit_gain=200.0)  # logits of a trained model's order
+    generator = torch.Generator().manual_seed(0)
+    image_embeddings = torch.randn(1, 256, 64, 64, generator=generator)
+    vit_features = torch.randn(1, 64, 64, 768, generator=generator) if family == "sam_hq" else None
+    objects = [[[300.0, 420.0]], [[700.0, 200.0], [650.0, 260.0], [100.0, 900.0]], [[512.0, 512.0], [40.0, 60.0]]]
+    labels = [[1], [1, 1, 0], [1, 0]]
+    parsed = parse_prompt(objects, labels, width=1024, height=1024)
+    points, point_labels = padded_arrays(parsed)
+
+    positions = dec.positional_tokens(model)
+    features = dec.picture_features(model, image_embeddings, vit_features, positions)
+    output = dec.decode(
+        model, features, positions, torch.tensor(points, dtype=torch.float32), torch.tensor(point_labels)
+    )
+    ranked = dec.rank_candidates(output, torch.tensor([o.ambiguous for o in parsed.objects]))
+
+    hq = {"intermediate_embeddings": [vit_features]} if family == "sam_hq" else {}
+    for i, obj in enumerate(parsed.objects):
+        with torch.inference_mode(), corrected_hq_decoder(model) if hq else contextlib.nullcontext():
+            out = model(
+                image_embeddings=image_embeddings,
+                input_points=torch.tensor(points[i : i + 1][None], dtype=torch.float32),
+                input_labels=torch.tensor(point_labels[i : i + 1][None]),
+                multimask_output=obj.ambiguous,
+                **hq,
+            )
+        scores, order = torch.sort(out.iou_scores[0, 0], descending=True, stable=True)
+        expected = out.pred_masks[0, 0][order]
+        count = int(ranked.counts[i])
+        scale = float(expected.abs().max())
+        assert count == len(expected) and scale > 0.1
+        torch.testing.assert_close(ranked.logits[i, :count], expected, atol=1e-6 * scale, rtol=0)
+        assert torch.equal(ranked.logits[i, :count] > 0, expected > 0)
+        torch.testing.assert_close(ranked.scores[i, :count], scores, atol=0, rtol=1e-5)
