@@ -68,6 +68,7 @@ def new_state(model: str) -> dict[str, Any]:
         "active": 0,
         "seq": 0,  # bumped by every click; a result computed for an older one is dropped
         "result": None,  # the last label map (full size) and its objects, for export
+        "decoded": None,  # the last decode: choosing a candidate or restyling reuses it, no second decode
     }
 
 
@@ -122,6 +123,7 @@ def clear_all(state: dict) -> dict:
     state["objects"] = [{"points": [], "labels": [], "choice": 0}]
     state["active"] = 0
     state["result"] = None
+    state["decoded"] = None
     return state
 
 
@@ -188,7 +190,7 @@ class SegmentationUI:
 
     def change_model(self, model: str, state: dict, progress=gr.Progress()):
         state["model"] = model
-        state["key"] = None
+        state["key"] = state["decoded"] = None
         if state["rgb"] is None:
             return (gr.skip(), state, f"Model set to {model}.")
         segmenter = self.segmenter(model)
@@ -235,7 +237,12 @@ class SegmentationUI:
         ambiguous = active_pos is not None and len(prompt[active_pos]) == 1
         plans = [base[:active_pos] + [i] + base[active_pos + 1 :] for i in range(3)] if ambiguous else [base]
         try:
-            result = segmenter.segment(embedding, prompt, labels, choices=plans, hq_token_only=hq_only)
+            parsed = segmenter.parse(embedding, prompt, labels)
+            decoded = state.get("decoded")
+            reused = decoded is not None and decoded.answers(embedding, parsed, hq_only)
+            if not reused:
+                decoded = state["decoded"] = segmenter.decode(embedding, parsed, hq_token_only=hq_only)
+            result = segmenter.compose(embedding, decoded, choices=plans)
         except SegmentationError as error:
             raise gr.Error(error.message) from error
         chosen = result.candidates[base[active_pos] if ambiguous else 0]
@@ -266,9 +273,9 @@ class SegmentationUI:
                 )
         legend = visualize.legend_html(self._legend_rows(state, chosen, positions), state["active"])
         total = time.perf_counter() - start
-        decoder_ms = result.timings.get("decoder", 0) * 1e3
+        decoder = "decoder: same prompt, reused" if reused else f"decoder {decoded.timings['decoder'] * 1e3:.0f} ms"
         status = (
-            f"{len(prompt)} object(s) · decoder {decoder_ms:.0f} ms · click-to-result {total * 1e3:.0f} ms · "
+            f"{len(prompt)} object(s) · {decoder} · click-to-result {total * 1e3:.0f} ms · "
             f"embedding {'cached' if cached else 're-computed (evicted)'} · {segmenter.model_id}"
         )
         return (self._canvas(state), *views, legend, gallery, selector, state, status)

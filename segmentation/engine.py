@@ -108,6 +108,24 @@ class Segmentation:
         return self.candidates[0]
 
 
+@dataclass(frozen=True, eq=False)
+class Decoded:
+    """A prompt decoded on one picture: each object's candidates, best first, ready to be composed
+    into label maps as often as needed (picking another candidate needs no second decode)."""
+
+    embedding_key: str
+    prompt: Prompt
+    hq_token_only: bool
+    logits: torch.Tensor  # (N, 3, 256, 256) low-resolution logits on the model's device
+    scores: np.ndarray  # (N, 3) predicted IoU of each candidate
+    counts: tuple[int, ...]  # distinct candidates per object: 3 for a single point, else 1
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def answers(self, embedding: Embedding, prompt: Prompt, hq_token_only: bool) -> bool:
+        """Whether this decode is what decoding `prompt` on `embedding` would give."""
+        return (self.embedding_key, self.prompt, self.hq_token_only) == (embedding.key, prompt, hq_token_only)
+
+
 def default_cache_bytes(device: torch.device) -> int:
     """Host RAM is plentiful next to a GPU's; a ViT-B entry is ~12 MB in float32, ~6 MB in half precision."""
     return (2048 if device.type == "cuda" else 1024) * MiB
@@ -298,16 +316,24 @@ class Segmenter:
         The i-th map uses each object's i-th ranked candidate; `choices` instead lists, per map, the
         candidate (0-2) of each object, e.g. the UI's "object 2 takes its second candidate".
         """
-        if embedding.model_id != self.model_id:
-            raise ValueError(f"This embedding was made by {embedding.model_id!r}, not {self.model_id!r}")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
-            raise InvalidPromptError(
-                f"candidates (n) must be an integer from 1 to {MAX_CANDIDATES}, got {candidates!r}.", param="n"
-            )
+        if not isinstance(prompt, Prompt):
+            self._check_model(embedding)
+            prompt = self.parse(embedding, prompt, labels)
+        plans = self._candidate_plans(len(prompt), candidates, choices)  # bad options fail before the decode
+        decoded = self.decode(embedding, prompt, hq_token_only=hq_token_only)
+        segmentation = self._compose(embedding, decoded, plans)
+        return dataclasses.replace(segmentation, timings={**decoded.timings, **segmentation.timings})
+
+    def decode(
+        self, embedding: Embedding, prompt: Prompt | Sequence, labels: Any = None, *, hq_token_only: bool = False
+    ) -> Decoded:
+        """Run the prompt decoder: every object's ranked candidates, kept on the model's device.
+
+        Keep the result to compose other choices of candidates (`compose`) without decoding again.
+        """
+        self._check_model(embedding)
         if not isinstance(prompt, Prompt):
             prompt = self.parse(embedding, prompt, labels)
-        plans = self._candidate_plans(len(prompt), candidates, choices)
-        timings: dict[str, float] = {}
         start = time.perf_counter()
         points, point_labels = padded_arrays(prompt)
         model_points = to_model_coordinates(points, embedding.original_size, embedding.resized_size)
@@ -318,35 +344,65 @@ class Segmenter:
             output = dec.decode(self.model, embedding.features, self._positions, points_t, labels_t)
             ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only and self.hq)
             scores = ranked.scores.float().cpu().numpy()  # also waits for the device to finish the decode
-            timings["decoder"] = time.perf_counter() - start
+        return Decoded(
+            embedding_key=embedding.key,
+            prompt=prompt,
+            hq_token_only=hq_token_only,
+            logits=ranked.logits,
+            scores=scores,
+            counts=tuple(ranked.counts.tolist()),
+            timings={"decoder": time.perf_counter() - start},
+        )
 
-            start = time.perf_counter()
-            maps = []
-            counts = ranked.counts.tolist()
-            rows = torch.arange(len(prompt), device=self.device)
+    def compose(
+        self,
+        embedding: Embedding,
+        decoded: Decoded,
+        *,
+        candidates: int = 1,
+        choices: Sequence[Sequence[int]] | None = None,
+    ) -> Segmentation:
+        """Label maps from a decode, as `segment` makes them (same `candidates` and `choices`)."""
+        if decoded.embedding_key != embedding.key:
+            raise ValueError("This decode belongs to another picture.")
+        return self._compose(embedding, decoded, self._candidate_plans(len(decoded.prompt), candidates, choices))
+
+    def _compose(self, embedding: Embedding, decoded: Decoded, plans: list[list[int]]) -> Segmentation:
+        start = time.perf_counter()
+        n_objects = len(decoded.prompt)
+        maps = []
+        rows = torch.arange(n_objects, device=self.device)
+        with self._out_of_memory_guard("segmenting"):
             for plan in plans:
-                chosen = ranked.logits[rows, torch.as_tensor(plan, device=self.device)]
+                chosen = decoded.logits[rows, torch.as_tensor(plan, device=self.device)]
                 labels_map = to_numpy_labels(
-                    compose_label_map(chosen, embedding.resized_size, embedding.original_size), len(prompt)
+                    compose_label_map(chosen, embedding.resized_size, embedding.original_size), n_objects
                 )
                 objects = tuple(
                     ObjectResult(
                         value=s.value,
-                        score=float(scores[s.value - 1, plan[s.value - 1]]),
+                        score=float(decoded.scores[s.value - 1, plan[s.value - 1]]),
                         area=s.area,
                         bbox=s.bbox,
-                        candidate=min(plan[s.value - 1], counts[s.value - 1] - 1),
-                        candidates=counts[s.value - 1],
+                        candidate=min(plan[s.value - 1], decoded.counts[s.value - 1] - 1),
+                        candidates=decoded.counts[s.value - 1],
                     )
-                    for s in object_stats(labels_map, len(prompt))
+                    for s in object_stats(labels_map, n_objects)
                 )
                 maps.append(LabelMap(labels_map, objects))
-            timings["postprocess"] = time.perf_counter() - start
-        return Segmentation(candidates=tuple(maps), timings=timings)
+        return Segmentation(candidates=tuple(maps), timings={"postprocess": time.perf_counter() - start})
+
+    def _check_model(self, embedding: Embedding) -> None:
+        if embedding.model_id != self.model_id:
+            raise ValueError(f"This embedding was made by {embedding.model_id!r}, not {self.model_id!r}")
 
     @staticmethod
     def _candidate_plans(n_objects: int, candidates: int, choices: Sequence[Sequence[int]] | None) -> list[list[int]]:
         """Per label map, the candidate index of every object (an object with one mask repeats it)."""
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+            raise InvalidPromptError(
+                f"candidates (n) must be an integer from 1 to {MAX_CANDIDATES}, got {candidates!r}.", param="n"
+            )
         if choices is None:
             return [[i] * n_objects for i in range(candidates)]
         plans = [list(plan) for plan in choices]
@@ -389,6 +445,7 @@ class Segmenter:
 
 
 __all__ = [
+    "Decoded",
     "Embedding",
     "LabelMap",
     "ObjectResult",

@@ -105,6 +105,28 @@ def test_choosing_a_candidate_changes_only_the_active_object(ui, loaded):
     assert "3 of 3" in outputs[4]
 
 
+def test_the_same_prompt_is_never_decoded_twice(ui, loaded, monkeypatch):
+    from segmentation import decoder
+
+    state = click(ui, loaded, 96, 80)[-2]
+    app.start_new_object(state)
+    state = click(ui, state, 224, 120)[-2]
+    decodes = []
+    original = decoder.decode
+    monkeypatch.setattr(decoder, "decode", lambda *a, **k: decodes.append(1) or original(*a, **k))
+    app.select_object(state, "Object 1")
+    outputs = ui.choose(state, False, 0.5, SimpleNamespace(index=1))  # another candidate
+    outputs = ui.edit(lambda s: s)(outputs[-2], False, 0.8)  # another opacity
+    assert decodes == [] and "reused" in outputs[-1]
+    state = outputs[-2]
+    segmenter = ui.registry.get()
+    fresh = segmenter.segment(segmenter.cached(state["key"]), [[[96, 80]], [[224, 120]]], choices=[[1, 0]])
+    np.testing.assert_array_equal(state["result"]["map"].labels, fresh.best.labels)
+    decodes.clear()
+    ui.edit(lambda s: s)(state, True, 0.8)  # HQ token only: a different decode
+    assert len(decodes) == 1
+
+
 def test_sessions_are_independent(ui, tmp_path):
     path = tmp_path / "q.png"
     Image.fromarray(make_picture(160, 100, seed=8)).save(path)

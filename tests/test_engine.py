@@ -272,3 +272,21 @@ def test_decoder_equals_transformers_at_the_published_sizes(family):
         torch.testing.assert_close(ranked.logits[i, :count], expected, atol=1e-6 * scale, rtol=0)
         assert torch.equal(ranked.logits[i, :count] > 0, expected > 0)
         torch.testing.assert_close(ranked.scores[i, :count], scores, atol=0, rtol=1e-5)
+
+
+def test_a_kept_decode_composes_any_choice_like_segment(segmenter, picture):
+    embedding = segmenter.embed(picture)
+    decoded = segmenter.decode(embedding, PROMPT, LABELS)
+    assert decoded.answers(embedding, segmenter.parse(embedding, PROMPT, LABELS), hq_token_only=False)
+    assert not decoded.answers(embedding, segmenter.parse(embedding, PROMPT, LABELS), hq_token_only=True)
+    for options in ({"candidates": 3}, {"choices": [[2, 0, 0, 1], [1, 0, 0, 2]]}):
+        composed = segmenter.compose(embedding, decoded, **options)
+        direct = segmenter.segment(embedding, PROMPT, LABELS, **options)
+        for a, b in zip(composed.candidates, direct.candidates, strict=True):
+            np.testing.assert_array_equal(a.labels, b.labels)
+            assert a.objects == b.objects
+    other = segmenter.embed(make_picture(120, 90, seed=3))
+    with pytest.raises(ValueError, match="another picture"):
+        segmenter.compose(other, decoded)
+    with pytest.raises(InvalidPromptError, match="from 1 to 3"):
+        segmenter.compose(embedding, decoded, candidates=4)
