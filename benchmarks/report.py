@@ -47,7 +47,7 @@ def chart(report: dict, path: Path) -> None:
     draw = ImageDraw.Draw(image)
     draw.text(
         (10, 10),
-        f"Median time per stage — {report['model']} ({report['shape']}), {report['environment']['device']}",
+        f"Median time per stage: {report['model']} ({report['shape']}), {report['environment']['device']}",
         fill="black",
     )
     for index, (name, stages) in enumerate(rows):
