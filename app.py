@@ -27,7 +27,7 @@ from segmentation import export, service, visualize
 from segmentation.api import APIError, decode_base64_image, install_api
 from segmentation.errors import SegmentationError
 from segmentation.masks import encode_png, resize_nearest
-from segmentation.models import CATALOG
+from segmentation.models import CATALOG, fit_cpu_threads
 from segmentation.schemas import build_response
 from segmentation.service import ModelRegistry, SegmentResult
 from segmentation.settings import Settings
@@ -562,6 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder at load (SAMHQ_COMPILE)"
     )
+    parser.add_argument("--threads", type=int, help="torch CPU threads; 0 = the usable cores (SAMHQ_THREADS)")
     return parser.parse_args(argv)
 
 
@@ -582,6 +583,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["preload_examples"] = False
     if args.compile:
         changes["compile"] = True
+    if args.threads is not None:
+        changes["threads"] = args.threads
     settings = dataclasses.replace(settings, **changes)
     if settings.models and settings.model not in settings.models:
         settings = dataclasses.replace(settings, models=(settings.model, *settings.models))
@@ -594,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     settings = settings_from(args)
+    fit_cpu_threads(settings.threads)
     registry = ModelRegistry(settings)
     app = build_app(settings, registry)
     preload(registry, settings)

@@ -125,6 +125,47 @@ def parse_dtype(name: str):
     return getattr(torch, _DTYPES[key])
 
 
+def cpu_quota(cgroup_root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """CPUs a container's cgroup quota grants (rounded up), or None when there is no quota.
+
+    Containers (Spaces among them) often cap CPU time with a quota while the kernel still
+    shows every core of the host; torch then starts a thread per host core.
+    """
+    root = Path(cgroup_root)
+    try:
+        if (root / "cpu.max").exists():  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").exists():  # cgroup v1: -1 means no quota
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else max(1, -(-quota // period))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def fit_cpu_threads(requested: int = 0, cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """Set torch's CPU threads: `requested` if > 0, else no more than the usable cores (CPU
+    affinity and cgroup quota). More threads than cores make every click slower (docs/PERFORMANCE.md).
+    Returns the thread count in effect."""
+    import torch
+
+    if requested > 0:
+        torch.set_num_threads(requested)
+    else:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        quota = cpu_quota(cgroup_root)
+        usable = min(usable, quota) if quota else usable
+        if torch.get_num_threads() > usable:
+            log.info(
+                "using %d CPU threads instead of %d: the cores this process may use", usable, torch.get_num_threads()
+            )
+            torch.set_num_threads(usable)
+    return torch.get_num_threads()
+
+
 def half_precision_candidate(device):
     """The reduced precision worth trying on this device, or None where float32 is the only sensible choice."""
     import torch

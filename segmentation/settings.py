@@ -45,6 +45,7 @@ class Settings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
     compile: bool = False  # SAMHQ_COMPILE: torch.compile the image encoder at load
+    threads: int = 0  # SAMHQ_THREADS: torch CPU threads; 0 = the cores this process may use
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -71,4 +72,5 @@ class Settings:
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
             preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),
             compile=_env_flag("SAMHQ_COMPILE", False),
+            threads=_env_int("SAMHQ_THREADS", 0),
         )

@@ -202,10 +202,22 @@ def test_the_use_via_api_endpoint(ui):
 def test_settings_from_flags_override_the_environment(monkeypatch):
     monkeypatch.setenv("SAMHQ_MODEL", "facebook/sam-vit-base")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
-    args = app.parse_args(["--model", HQ_ID, "--models", "facebook/sam-vit-base", "--cache-mb", "64", "--no-preload"])
-    settings = app.settings_from(args)
+    monkeypatch.setenv("SAMHQ_THREADS", "8")
+    flags = [
+        "--model",
+        HQ_ID,
+        "--models",
+        "facebook/sam-vit-base",
+        "--cache-mb",
+        "64",
+        "--no-preload",
+        "--threads",
+        "1",
+    ]
+    settings = app.settings_from(app.parse_args(flags))
     assert settings.model == HQ_ID and settings.served_models == (HQ_ID, "facebook/sam-vit-base")
-    assert settings.cache_mb == 64 and not settings.preload_examples
+    assert settings.cache_mb == 64 and not settings.preload_examples and settings.threads == 1
+    args = app.parse_args([])
     assert args.port == 7999 and args.host == "127.0.0.1"
 
 

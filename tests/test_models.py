@@ -7,7 +7,7 @@ import torch
 from conftest import HQ_ID, make_picture
 
 from segmentation import CATALOG, ModelUnavailableError, Segmenter, UnknownModelError
-from segmentation.models import load_model, parse_dtype, resolve_device, resolve_spec
+from segmentation.models import cpu_quota, fit_cpu_threads, load_model, parse_dtype, resolve_device, resolve_spec
 from segmentation.offline import save_random_checkpoint
 
 
@@ -97,3 +97,35 @@ def test_compiled_encoder_gives_the_same_masks():
     np_a = plain.segment(a, [[[10, 10]]]).best.labels
     np_b = compiled.segment(b, [[[10, 10]]]).best.labels
     assert (np_a != np_b).mean() < 0.001
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: round up
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "400000", "cpu/cpu.cfs_period_us": "100000"}, 4),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_quota_reads_both_cgroup_versions(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+def test_cpu_threads_fit_the_quota_and_honour_a_request(tmp_path):
+    before = torch.get_num_threads()
+    (tmp_path / "cpu.max").write_text("100000 100000")  # one CPU's worth of time
+    try:
+        torch.set_num_threads(4)  # what torch picks on a many-core host
+        assert fit_cpu_threads(0, tmp_path) == 1
+        assert fit_cpu_threads(3, tmp_path) == 3  # an explicit request wins
+        (tmp_path / "cpu.max").write_text("max 100000")
+        torch.set_num_threads(1)
+        assert fit_cpu_threads(0, tmp_path) == 1  # never raised above torch's own choice
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ def test_defaults(monkeypatch):
         "SAMHQ_CACHE_MB",
         "SAMHQ_COMPILE",
         "SAMHQ_PRELOAD_EXAMPLES",
+        "SAMHQ_THREADS",
     ):
         monkeypatch.delenv(name, raising=False)
     settings = Settings.from_env()
@@ -27,6 +28,7 @@ def test_defaults(monkeypatch):
         32,
     )
     assert settings.api_keys == () and settings.preload_examples and not settings.compile
+    assert settings.threads == 0
 
 
 def test_environment_is_parsed(monkeypatch):
@@ -36,7 +38,9 @@ def test_environment_is_parsed(monkeypatch):
     monkeypatch.setenv("SAMHQ_CACHE_MB", "256")
     monkeypatch.setenv("SAMHQ_PRELOAD_EXAMPLES", "false")
     monkeypatch.setenv("SAMHQ_COMPILE", "1")
+    monkeypatch.setenv("SAMHQ_THREADS", "3")
     settings = Settings.from_env()
+    assert settings.threads == 3
     assert settings.served_models == ("facebook/sam-vit-base", "syscv-community/sam-hq-vit-base")
     assert settings.api_keys == ("a", "b") and settings.cache_mb == 256
     assert not settings.preload_examples and settings.compile
