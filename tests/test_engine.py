@@ -290,3 +290,15 @@ def test_a_kept_decode_composes_any_choice_like_segment(segmenter, picture):
         segmenter.compose(other, decoded)
     with pytest.raises(InvalidPromptError, match="from 1 to 3"):
         segmenter.compose(embedding, decoded, candidates=4)
+
+
+def test_a_vit_b_entry_is_under_10_mb_at_half_precision():
+    """The performance target for GPU caches, checked by building the entry at ViT-B's sizes."""
+    from segmentation.offline import build_random_model
+
+    model = build_random_model("sam_hq", "base-decoder", seed=6).to(torch.bfloat16)
+    embeddings = torch.randn(1, 256, 64, 64, dtype=torch.bfloat16)
+    vit = torch.randn(1, 64, 64, 768, dtype=torch.bfloat16)
+    features = dec.picture_features(model, embeddings, vit, dec.positional_tokens(model))
+    assert all(t.dtype == torch.bfloat16 for t in features.tensors())
+    assert features.nbytes == 9 * 2**20  # tokens 2 MiB + three projections 3 MiB + HQ features 4 MiB
