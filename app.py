@@ -237,11 +237,11 @@ class SegmentationUI:
         ambiguous = active_pos is not None and len(prompt[active_pos]) == 1
         plans = [base[:active_pos] + [i] + base[active_pos + 1 :] for i in range(3)] if ambiguous else [base]
         try:
-            parsed = segmenter.parse(embedding, prompt, labels)
-            decoded = state.get("decoded")
-            reused = decoded is not None and decoded.answers(embedding, parsed, hq_only)
+            kept = state.get("decoded")
+            decoded = segmenter.decode(embedding, prompt, labels, hq_token_only=hq_only, reuse=kept)
+            reused = decoded is kept
             if not reused:
-                decoded = state["decoded"] = segmenter.decode(embedding, parsed, hq_token_only=hq_only)
+                decoded = state["decoded"] = decoded.on_host()
             result = segmenter.compose(embedding, decoded, choices=plans)
         except SegmentationError as error:
             raise gr.Error(error.message) from error

@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "CacheStats": "cache",
     "EmbeddingCache": "cache",
+    "Decoded": "engine",
     "Embedding": "engine",
     "LabelMap": "engine",
     "ObjectResult": "engine",

@@ -36,12 +36,12 @@ from transformers.models.sam_hq.modeling_sam_hq import eager_attention_forward
 
 @dataclass(frozen=True)
 class PictureFeatures:
-    """What the decoder needs of one picture, computed once. Token tensors are (1, 1, H*W, C)."""
+    """What the decoder needs of one picture, computed once. Token tensors are (1, 1, H*W, width)."""
 
-    tokens: torch.Tensor  # image embedding + no-mask dense embedding, token-major
-    keys: torch.Tensor  # first layer, token→image attention: key projection of tokens + positions
-    values: torch.Tensor  # first layer, token→image attention: value projection of tokens
-    queries: torch.Tensor  # first layer, image→token attention: query projection of tokens + positions
+    tokens: torch.Tensor  # width C: image embedding + no-mask dense embedding, token-major
+    keys: torch.Tensor  # width C/2: first layer, token→image attention, key projection of tokens + positions
+    values: torch.Tensor  # width C/2: first layer, token→image attention, value projection of tokens
+    queries: torch.Tensor  # width C/2: first layer, image→token attention, query projection of tokens + positions
     grid: tuple[int, int]  # (height, width) of the embedding grid, 64×64 for published checkpoints
     hq_features: torch.Tensor | None  # (1, C/8, 4H, 4W) picture-only addend of the HQ mask features
 
@@ -133,13 +133,16 @@ def _attend(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """`SamHQAttention.forward` from its projected inputs on: heads, attention, output projection.
 
     Inputs are (batch, point_batch, tokens, internal); a picture's cached projection has
-    batch 1 and is broadcast over the objects without copying.
+    batch 1 and is broadcast over the objects: without copying on the CPU, whose kernels are
+    tested with it; copied elsewhere, where zero-stride batches are not verified.
     """
     point_batch = query.shape[1]
     heads = attention.num_attention_heads
     query, key, value = (attention._separate_heads(x, heads) for x in (query, key, value))
     batch = max(query.shape[0], key.shape[0])
     query, key, value = (x.expand(batch, -1, -1, -1) for x in (query, key, value))
+    if query.device.type != "cpu":
+        query, key, value = (x.contiguous() for x in (query, key, value))
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
     output, _ = interface(
         attention, query, key, value, attention_mask=None, dropout=0.0, scaling=attention.scaling, is_causal=False

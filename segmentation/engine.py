@@ -115,15 +115,16 @@ class Decoded:
 
     embedding_key: str
     prompt: Prompt
-    hq_token_only: bool
-    logits: torch.Tensor  # (N, 3, 256, 256) low-resolution logits on the model's device
+    hq_token_only: bool  # as applied: always False for a model without the HQ token
+    logits: torch.Tensor  # (N, 3, 256, 256) low-resolution logits, on the model's device until on_host()
     scores: np.ndarray  # (N, 3) predicted IoU of each candidate
     counts: tuple[int, ...]  # distinct candidates per object: 3 for a single point, else 1
     timings: dict[str, float] = field(default_factory=dict)
 
-    def answers(self, embedding: Embedding, prompt: Prompt, hq_token_only: bool) -> bool:
-        """Whether this decode is what decoding `prompt` on `embedding` would give."""
-        return (self.embedding_key, self.prompt, self.hq_token_only) == (embedding.key, prompt, hq_token_only)
+    def on_host(self) -> Decoded:
+        """A copy with the logits in host memory (under 1 MB per object), for keeping in a session:
+        GPU memory outside the cache's budget is not spent on it, and it pickles anywhere."""
+        return dataclasses.replace(self, logits=self.logits.cpu())
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -325,15 +326,30 @@ class Segmenter:
         return dataclasses.replace(segmentation, timings={**decoded.timings, **segmentation.timings})
 
     def decode(
-        self, embedding: Embedding, prompt: Prompt | Sequence, labels: Any = None, *, hq_token_only: bool = False
+        self,
+        embedding: Embedding,
+        prompt: Prompt | Sequence,
+        labels: Any = None,
+        *,
+        hq_token_only: bool = False,
+        reuse: Decoded | None = None,
     ) -> Decoded:
         """Run the prompt decoder: every object's ranked candidates, kept on the model's device.
 
-        Keep the result to compose other choices of candidates (`compose`) without decoding again.
+        Keep the result to compose other choices of candidates (`compose`) without decoding again;
+        pass it back as `reuse` and it is returned as is when it answers the same prompt on the same
+        picture with the same HQ setting.
         """
         self._check_model(embedding)
         if not isinstance(prompt, Prompt):
             prompt = self.parse(embedding, prompt, labels)
+        hq_token_only = bool(hq_token_only and self.hq)
+        if reuse is not None and (reuse.embedding_key, reuse.prompt, reuse.hq_token_only) == (
+            embedding.key,
+            prompt,
+            hq_token_only,
+        ):
+            return reuse
         start = time.perf_counter()
         points, point_labels = padded_arrays(prompt)
         model_points = to_model_coordinates(points, embedding.original_size, embedding.resized_size)
@@ -342,7 +358,7 @@ class Segmenter:
         ambiguous = torch.tensor([obj.ambiguous for obj in prompt.objects], device=self.device)
         with self._out_of_memory_guard("segmenting"):
             output = dec.decode(self.model, embedding.features, self._positions, points_t, labels_t)
-            ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only and self.hq)
+            ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)
             scores = ranked.scores.float().cpu().numpy()  # also waits for the device to finish the decode
         return Decoded(
             embedding_key=embedding.key,
@@ -373,8 +389,9 @@ class Segmenter:
         maps = []
         rows = torch.arange(n_objects, device=self.device)
         with self._out_of_memory_guard("segmenting"):
+            logits = decoded.logits.to(self.device)  # kept on the host (`on_host`), it comes back here
             for plan in plans:
-                chosen = decoded.logits[rows, torch.as_tensor(plan, device=self.device)]
+                chosen = logits[rows, torch.as_tensor(plan, device=self.device)]
                 labels_map = to_numpy_labels(
                     compose_label_map(chosen, embedding.resized_size, embedding.original_size), n_objects
                 )

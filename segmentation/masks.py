@@ -62,8 +62,11 @@ def object_stats(labels: np.ndarray, n_objects: int) -> list[ObjectStats]:
     """Area and bounding box of each object value 1..n of a label map."""
     areas = np.bincount(labels.ravel(), minlength=n_objects + 1)
     if n_objects <= _SCAN_PER_VALUE_UP_TO:
-        rows_with = [np.any(labels == value, axis=1) if areas[value] else None for value in range(n_objects + 1)]
-        cols_with = [np.any(labels == value, axis=0) if areas[value] else None for value in range(n_objects + 1)]
+        rows_with, cols_with = {}, {}
+        for value in range(1, n_objects + 1):
+            if areas[value]:
+                pixels = labels == value
+                rows_with[value], cols_with[value] = pixels.any(axis=1), pixels.any(axis=0)
     else:  # one pass for all values: which values occur in each row and in each column
         rows_with, cols_with = (
             _occurrence_table(labels, n_objects, axis=1),

@@ -152,6 +152,8 @@ def fit_cpu_threads(requested: int = 0, cgroup_root: str | Path = "/sys/fs/cgrou
     Returns the thread count in effect."""
     import torch
 
+    if requested < 0:
+        raise ValueError(f"SAMHQ_THREADS / --threads must be 0 (automatic) or a number of threads, got {requested}")
     if requested > 0:
         torch.set_num_threads(requested)
     else:

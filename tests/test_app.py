@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 import time
 from types import SimpleNamespace
@@ -119,6 +120,9 @@ def test_the_same_prompt_is_never_decoded_twice(ui, loaded, monkeypatch):
     outputs = ui.edit(lambda s: s)(outputs[-2], False, 0.8)  # another opacity
     assert decodes == [] and "reused" in outputs[-1]
     state = outputs[-2]
+    # the kept decode lives in host memory: no GPU memory per session, and the state pickles (ZeroGPU)
+    assert state["decoded"].logits.device.type == "cpu"
+    pickle.loads(pickle.dumps(state))
     segmenter = ui.registry.get()
     fresh = segmenter.segment(segmenter.cached(state["key"]), [[[96, 80]], [[224, 120]]], choices=[[1, 0]])
     np.testing.assert_array_equal(state["result"]["map"].labels, fresh.best.labels)

@@ -274,13 +274,19 @@ def test_decoder_equals_transformers_at_the_published_sizes(family):
         torch.testing.assert_close(ranked.scores[i, :count], scores, atol=0, rtol=1e-5)
 
 
-def test_a_kept_decode_composes_any_choice_like_segment(segmenter, picture):
+def test_a_kept_decode_composes_any_choice_like_segment(segmenter, sam_segmenter, picture):
     embedding = segmenter.embed(picture)
     decoded = segmenter.decode(embedding, PROMPT, LABELS)
-    assert decoded.answers(embedding, segmenter.parse(embedding, PROMPT, LABELS), hq_token_only=False)
-    assert not decoded.answers(embedding, segmenter.parse(embedding, PROMPT, LABELS), hq_token_only=True)
+    assert segmenter.decode(embedding, PROMPT, LABELS, reuse=decoded) is decoded
+    assert segmenter.decode(embedding, PROMPT, LABELS, hq_token_only=True, reuse=decoded) is not decoded
+    assert segmenter.decode(embedding, PROMPT[:2], LABELS[:2], reuse=decoded) is not decoded
+    kept = decoded.on_host()
+    assert kept.logits.device.type == "cpu" and segmenter.decode(embedding, PROMPT, LABELS, reuse=kept) is kept
+    sam_embedding = sam_segmenter.embed(picture)  # no HQ token: "HQ token only" changes nothing, so reuse
+    plain = sam_segmenter.decode(sam_embedding, PROMPT, LABELS)
+    assert sam_segmenter.decode(sam_embedding, PROMPT, LABELS, hq_token_only=True, reuse=plain) is plain
     for options in ({"candidates": 3}, {"choices": [[2, 0, 0, 1], [1, 0, 0, 2]]}):
-        composed = segmenter.compose(embedding, decoded, **options)
+        composed = segmenter.compose(embedding, kept, **options)
         direct = segmenter.segment(embedding, PROMPT, LABELS, **options)
         for a, b in zip(composed.candidates, direct.candidates, strict=True):
             np.testing.assert_array_equal(a.labels, b.labels)

@@ -127,5 +127,7 @@ def test_cpu_threads_fit_the_quota_and_honour_a_request(tmp_path):
         (tmp_path / "cpu.max").write_text("max 100000")
         torch.set_num_threads(1)
         assert fit_cpu_threads(0, tmp_path) == 1  # never raised above torch's own choice
+        with pytest.raises(ValueError, match="must be 0"):
+            fit_cpu_threads(-2, tmp_path)
     finally:
         torch.set_num_threads(before)
