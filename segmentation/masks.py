@@ -38,48 +38,59 @@ def label_dtype(n_objects: int) -> np.dtype:
 def compose_label_map(
     low_res_logits: torch.Tensor, resized_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
-    """(N, 256, 256) logits → (H, W) int32 label map on the same device.
+    """(N, 256, 256) logits → (H, W) label map on the same device: uint8 up to 255 objects, else int32.
 
     A pixel belongs to an object where its upscaled logit is > 0; where several claim it,
-    the highest logit wins (ties: the earlier object).
+    the highest logit wins (ties: the earlier object). Each pass over the full-size map costs
+    about a millisecond on a CPU, so the common cases take as few as possible.
     """
     n = low_res_logits.shape[0]
     height, width = original_size
     device = low_res_logits.device
-    best = torch.zeros((height, width), dtype=torch.float32, device=device)  # > 0 only where claimed
-    labels = torch.zeros((height, width), dtype=torch.int32, device=device)
+    dtype = torch.uint8 if n <= 255 else torch.int32
+    unclaimed = torch.zeros((), dtype=dtype, device=device)
     chunk = max(1, _MAX_UPSCALED_VALUES // max(1, height * width))
+    best = labels = None
     for start in range(0, n, chunk):
         logits = upscale_logits(low_res_logits[start : start + chunk], resized_size, original_size)
-        chunk_best, chunk_index = logits.max(dim=0)
-        wins = chunk_best > best
-        best = torch.where(wins, chunk_best, best)
-        labels = torch.where(wins, chunk_index.to(torch.int32) + (start + 1), labels)
+        if logits.shape[0] == 1:
+            chunk_best, values = logits[0], torch.tensor(start + 1, dtype=dtype, device=device)
+        else:
+            chunk_best, chunk_index = logits.max(dim=0)  # ties: the first index
+            values = (chunk_index + (start + 1)).to(dtype)
+        if labels is None:  # nothing claimed yet: a pixel is claimed where its logit is > 0
+            wins = chunk_best > 0
+            labels = torch.where(wins, values, unclaimed)
+            if start + chunk < n:
+                best = torch.where(wins, chunk_best, 0.0)
+        else:
+            wins = chunk_best > best  # strictly: on a tie the earlier object keeps the pixel
+            best = torch.where(wins, chunk_best, best)
+            labels = torch.where(wins, values, labels)
     return labels
 
 
 def object_stats(labels: np.ndarray, n_objects: int) -> list[ObjectStats]:
     """Area and bounding box of each object value 1..n of a label map."""
-    areas = np.bincount(labels.ravel(), minlength=n_objects + 1)
-    if n_objects <= _SCAN_PER_VALUE_UP_TO:
-        rows_with, cols_with = {}, {}
+    if n_objects <= _SCAN_PER_VALUE_UP_TO:  # one comparison of the map per object
+        stats = []
         for value in range(1, n_objects + 1):
-            if areas[value]:
-                pixels = labels == value
-                rows_with[value], cols_with[value] = pixels.any(axis=1), pixels.any(axis=0)
-    else:  # one pass for all values: which values occur in each row and in each column
-        rows_with, cols_with = (
-            _occurrence_table(labels, n_objects, axis=1),
-            _occurrence_table(labels, n_objects, axis=0),
-        )
-    stats = []
-    for value in range(1, n_objects + 1):
-        bbox = None
-        if areas[value]:
-            rows, cols = np.flatnonzero(rows_with[value]), np.flatnonzero(cols_with[value])
-            bbox = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
-        stats.append(ObjectStats(value, int(areas[value]), bbox))
-    return stats
+            pixels = labels == value
+            area = int(np.count_nonzero(pixels))
+            stats.append(ObjectStats(value, area, _bbox(pixels.any(axis=1), pixels.any(axis=0)) if area else None))
+        return stats
+    areas = np.bincount(labels.ravel(), minlength=n_objects + 1)
+    rows_with = _occurrence_table(labels, n_objects, axis=1)  # which values occur in each row
+    cols_with = _occurrence_table(labels, n_objects, axis=0)  # ... and in each column
+    return [
+        ObjectStats(value, int(areas[value]), _bbox(rows_with[value], cols_with[value]) if areas[value] else None)
+        for value in range(1, n_objects + 1)
+    ]
+
+
+def _bbox(rows_with: np.ndarray, cols_with: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero(rows_with), np.flatnonzero(cols_with)
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
 def _occurrence_table(labels: np.ndarray, n_objects: int, axis: int) -> np.ndarray:

@@ -308,3 +308,21 @@ def test_a_vit_b_entry_is_under_10_mb_at_half_precision():
     features = dec.picture_features(model, embeddings, vit, dec.positional_tokens(model))
     assert all(t.dtype == torch.bfloat16 for t in features.tensors())
     assert features.nbytes == 9 * 2**20  # tokens 2 MiB + three projections 3 MiB + HQ features 4 MiB
+
+
+@pytest.mark.parametrize("chunk_objects", [1, 2, 64])  # objects upscaled at once: several chunks, or one
+def test_label_map_composition_in_chunks_keeps_the_rule(monkeypatch, chunk_objects):
+    from segmentation import masks
+
+    original, resized = (60, 90), (683, 1024)
+    monkeypatch.setattr(masks, "_MAX_UPSCALED_VALUES", chunk_objects * original[0] * original[1])
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(5, 256, 256, generator=generator)
+    logits[3] = logits[1]  # exact ties: the earlier object keeps the pixel, across chunks too
+    logits[4] = -logits[4].abs()  # an object that claims nothing
+    composed = masks.compose_label_map(logits, resized, original)
+    assert composed.dtype == torch.uint8
+    per_object = [dec.upscale_logits(logits[i : i + 1], resized, original)[0].numpy() for i in range(5)]
+    expected = reference_label_map(per_object)
+    np.testing.assert_array_equal(composed.numpy(), expected)
+    assert 4 not in expected and 5 not in expected and {1, 2, 3} <= set(np.unique(expected))
