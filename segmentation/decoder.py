@@ -15,7 +15,9 @@ slice away the tokens that `multimask_output` does not ask for. Here:
 
 Every step applies transformers' own modules to the same values in the same order as its
 forward does; only the grouping changes (once per picture instead of once per click and
-object), so the masks equal the full forward's (tests/test_engine.py).
+object). The tests compare with the full forward per object: logits equal to float32
+rounding (batching several objects changes the matrix shapes), masks identical
+(tests/test_engine.py).
 
 The decode follows the official SAM-HQ `MaskDecoderHQ.predict_masks`: the masks are built
 from the image embedding *as refined by the two-way transformer*. transformers 5.x's

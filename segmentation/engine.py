@@ -121,6 +121,9 @@ class Decoded:
     counts: tuple[int, ...]  # distinct candidates per object: 3 for a single point, else 1
     timings: dict[str, float] = field(default_factory=dict)
 
+    def is_for(self, embedding_key: str, prompt: Prompt, hq_token_only: bool) -> bool:
+        return (self.embedding_key, self.prompt, self.hq_token_only) == (embedding_key, prompt, hq_token_only)
+
     def on_host(self) -> Decoded:
         """A copy with the logits in host memory (under 1 MB per object), for keeping in a session:
         GPU memory outside the cache's budget is not spent on it, and it pickles anywhere."""
@@ -344,11 +347,7 @@ class Segmenter:
         if not isinstance(prompt, Prompt):
             prompt = self.parse(embedding, prompt, labels)
         hq_token_only = bool(hq_token_only and self.hq)
-        if reuse is not None and (reuse.embedding_key, reuse.prompt, reuse.hq_token_only) == (
-            embedding.key,
-            prompt,
-            hq_token_only,
-        ):
+        if reuse is not None and reuse.is_for(embedding.key, prompt, hq_token_only):
             return reuse
         start = time.perf_counter()
         points, point_labels = padded_arrays(prompt)
