@@ -18,7 +18,7 @@ from .decoder import upscale_logits
 
 # Upscaled logits are float32 at the picture's size; bound how many are alive at once.
 _MAX_UPSCALED_VALUES = 48_000_000
-# Bounding boxes: scanning the map once per object is fastest for a few objects (~0.5 ms each
+# Areas and boxes: comparing the map once per object is fastest for a few objects (~0.2 ms each
 # at 1.5 megapixels); beyond this many, one pass that tabulates every value wins.
 _SCAN_PER_VALUE_UP_TO = 12
 
@@ -34,6 +34,11 @@ def label_dtype(n_objects: int) -> np.dtype:
     return np.dtype(np.uint8) if n_objects <= 255 else np.dtype(np.uint16)
 
 
+def _device_label_dtype(n_objects: int) -> torch.dtype:
+    """The label map's dtype on the model's device (torch has no general uint16: int32 there)."""
+    return torch.uint8 if n_objects <= 255 else torch.int32
+
+
 @torch.inference_mode()
 def compose_label_map(
     low_res_logits: torch.Tensor, resized_size: tuple[int, int], original_size: tuple[int, int]
@@ -47,7 +52,7 @@ def compose_label_map(
     n = low_res_logits.shape[0]
     height, width = original_size
     device = low_res_logits.device
-    dtype = torch.uint8 if n <= 255 else torch.int32
+    dtype = _device_label_dtype(n)
     unclaimed = torch.zeros((), dtype=dtype, device=device)
     chunk = max(1, _MAX_UPSCALED_VALUES // max(1, height * width))
     best = labels = None
@@ -105,7 +110,7 @@ def _occurrence_table(labels: np.ndarray, n_objects: int, axis: int) -> np.ndarr
 
 def to_numpy_labels(labels: torch.Tensor, n_objects: int) -> np.ndarray:
     """Only the small integer map crosses to the host: uint8 up to 255 objects, uint16 beyond."""
-    small = labels.to(torch.uint8 if n_objects <= 255 else torch.int32)
+    small = labels.to(_device_label_dtype(n_objects))
     return small.cpu().numpy().astype(label_dtype(n_objects), copy=False)
 
 
