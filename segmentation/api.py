@@ -14,6 +14,7 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -183,7 +184,14 @@ def _auth_dependency(settings: Settings):
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
 
 
-def create_router(registry: service.ModelRegistry, settings: Settings) -> APIRouter:
+SegmentFn = Callable[..., service.SegmentResult]
+
+
+def create_router(
+    registry: service.ModelRegistry, settings: Settings, segment: SegmentFn = service.segment
+) -> APIRouter:
+    """The API's routes. `segment` does the work (`service.segment`'s signature); another
+    deployment (e.g. the Ray Serve ingress) passes its own to reuse this contract unchanged."""
     router = APIRouter(dependencies=[Depends(_auth_dependency(settings))], responses=_ERRORS)
     gate = service.AdmissionGate(max_concurrent=4, max_waiting=settings.max_queue)
 
@@ -203,7 +211,7 @@ def create_router(registry: service.ModelRegistry, settings: Settings) -> APIRou
 
         def work() -> SegmentationResponse:  # in a worker thread, PNG encoding included: the event loop stays free
             with gate:
-                result = service.segment(
+                result = segment(
                     registry,
                     image=picture,
                     points=body.segment_prompt,
@@ -269,9 +277,11 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None,
     return message + more, field, 422, "invalid_value"
 
 
-def install_api(app: FastAPI, registry: service.ModelRegistry, settings: Settings) -> None:
+def install_api(
+    app: FastAPI, registry: service.ModelRegistry, settings: Settings, segment: SegmentFn = service.segment
+) -> None:
     """Add the API routes, its body limit and its error format to `app`."""
-    app.include_router(create_router(registry, settings))
+    app.include_router(create_router(registry, settings, segment))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_mb * 2**20)
     if settings.api_keys:
         log.info("API keys configured: /v1/* and /authentication/validate require a bearer key")
