@@ -38,6 +38,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .. import service
 from ..api import install_api
+from ..engine import Segmenter
 from ..errors import ModelUnavailableError, SegmentationError
 from ..models import fit_cpu_threads
 from ..settings import Settings
@@ -70,6 +71,7 @@ class RayOptions:
     max_ongoing: int = 16  # SAMHQ_RAY_MAX_ONGOING: requests a replica takes at once (merged decodes need > 1)
     ingress_replicas: int = 1  # SAMHQ_RAY_INGRESS_REPLICAS: API processes (no model; 4 segmentations each at once)
     retries: int = 3  # SAMHQ_RAY_RETRIES: tries on another replica when one dies mid-request
+    batch: bool = True  # SAMHQ_RAY_BATCH: merge concurrent decodes on one picture (0: each decodes alone)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RayOptions:
@@ -81,6 +83,7 @@ class RayOptions:
             "max_ongoing": int(_env_number("SAMHQ_RAY_MAX_ONGOING", cls.max_ongoing)),
             "ingress_replicas": int(_env_number("SAMHQ_RAY_INGRESS_REPLICAS", cls.ingress_replicas)),
             "retries": int(_env_number("SAMHQ_RAY_RETRIES", cls.retries)),
+            "batch": bool(_env_number("SAMHQ_RAY_BATCH", cls.batch)),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -108,10 +111,11 @@ class _Held:
 class SegmenterReplica:
     """One model and its own embedding cache (SAMHQ_* settings from the environment, as in one process)."""
 
-    def __init__(self, max_pictures: int = RayOptions.max_pictures):
+    def __init__(self, max_pictures: int = RayOptions.max_pictures, batch: bool = RayOptions.batch):
         self.settings = dataclasses.replace(Settings.from_env(), preload_examples=False)
         fit_cpu_threads(self.settings.threads)  # Ray sets OMP_NUM_THREADS to the replica's CPUs
-        self.registry = service.ModelRegistry(self.settings, loader=_load_batching)
+        loader = _load_batching if batch else Segmenter.from_pretrained
+        self.registry = service.ModelRegistry(self.settings, loader=loader)
         self.name = serve.get_replica_context().replica_id.unique_id
 
         async def hold(picture: str) -> _Held:
@@ -146,8 +150,6 @@ class SegmenterReplica:
 
 
 def _load_batching(name: str, **options: Any) -> BatchingSegmenter:
-    from ..engine import Segmenter
-
     return BatchingSegmenter.wrapping(Segmenter.from_pretrained(name, **options))
 
 
@@ -200,7 +202,7 @@ def build(args: dict[str, Any] | None = None) -> serve.Application:
         num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing,
         ray_actor_options={"num_cpus": options.cpus, "num_gpus": options.gpus},
-    ).bind(options.max_pictures)
+    ).bind(options.max_pictures, options.batch)
     return Ingress.options(
         num_replicas=options.ingress_replicas,
         max_ongoing_requests=max(16, 4 * options.max_ongoing),
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pictures", type=int, help="picture ids per replica (SAMHQ_RAY_MAX_PICTURES, 48)")
     parser.add_argument("--max-ongoing", type=int, help="requests per replica at once (SAMHQ_RAY_MAX_ONGOING, 16)")
     parser.add_argument("--ingress-replicas", type=int, help="API processes (SAMHQ_RAY_INGRESS_REPLICAS, 1)")
+    parser.add_argument("--no-batch", dest="batch", action="store_const", const=False, help="decode each click alone")
     parser.add_argument("--cache-mb", type=int, help="embedding cache per replica, MB (SAMHQ_CACHE_MB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
