@@ -6,7 +6,7 @@
 Starts a local Ray cluster (loopback) with one Segmenter replica using every core, and as many API (ingress)
 replicas as needed to let 16 requests through at once (the router admits 4 segmentations per process). All
 clients click on the same picture, one object of one point each, so their decodes can be merged; the
-picture is encoded once before timing. Each client sends `rounds` clicks, waiting for each answer. Reports
+picture (assets/coffee.jpg, 1500x1000 JPEG) is encoded once before timing. Each client sends `rounds` clicks, waiting for each answer. Reports
 clicks/s, mean latency and the replica's decoder calls per request (1.0 = nothing merged). Run by hand;
 the figures go to docs/SCALING.md.
 """
@@ -34,7 +34,6 @@ import statistics  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 MODEL_ID = "syscv-community/sam-hq-vit-base"
@@ -47,9 +46,9 @@ def free_port() -> int:
 
 
 def picture_b64(width: int, height: int) -> str:
-    rng = np.random.default_rng(0)
+    """assets/coffee.jpg at the size asked, as a JPEG (as docs/PERFORMANCE.md's benchmark uses it)."""
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    Image.open(ROOT / "assets" / "coffee.jpg").convert("RGB").resize((width, height)).save(buffer, format="JPEG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 

@@ -32,18 +32,22 @@ class _Pending:
     prompt: Prompt
     hq_token_only: bool
     future: Future = dataclasses.field(default_factory=Future)
+    turn: threading.Event = dataclasses.field(default_factory=threading.Event)  # answered, or its turn to lead
 
 
 class DecodeBatcher:
     """Runs `decode(embedding, prompt, hq_token_only)` for concurrent callers: one merged call per group
-    (same picture, HQ setting and padded length) and turn."""
+    (same picture, HQ setting and padded length) at a time.
+
+    The caller that finds its group idle runs the call with everything queued, itself first; when it is
+    done it hands the turn to the oldest request still queued (whose thread runs the next call), so no
+    thread keeps working for others after its own answer is ready."""
 
     def __init__(self, decode: Callable[[Embedding, Prompt, bool], Decoded], max_objects: int = 255):
         self._decode = decode
         self.max_objects = max_objects
         self._lock = threading.Lock()
-        self._queues: dict[Hashable, list[_Pending]] = {}
-        self._running: set[Hashable] = set()
+        self._queues: dict[Hashable, list[_Pending]] = {}  # a key is present while its group is busy
         self.calls = 0  # decoder calls made
         self.requests = 0  # requests answered
 
@@ -51,12 +55,12 @@ class DecodeBatcher:
         key = (embedding.key, hq_token_only, max(len(obj.points) for obj in prompt.objects))
         pending = _Pending(embedding, prompt, hq_token_only)
         with self._lock:
+            busy = key in self._queues
             self._queues.setdefault(key, []).append(pending)
-            leader = key not in self._running
-            if leader:
-                self._running.add(key)
-        if leader:
-            self._drain(key)
+        if busy:
+            pending.turn.wait()
+        if not pending.future.done():  # our turn: we are first in the queue
+            self._run(key, self._take(key))
         return pending.future.result()
 
     def waiting(self) -> int:
@@ -65,38 +69,38 @@ class DecodeBatcher:
             return sum(len(queue) for queue in self._queues.values())
 
     def _take(self, key: Hashable) -> list[_Pending]:
-        """The queued requests of `key` that fit one call (at least one); releases `key` when none are left."""
+        """The oldest queued requests of `key` that fit one call (at least one)."""
         with self._lock:
-            queue = self._queues.get(key, [])
-            if not queue:
-                self._queues.pop(key, None)
-                self._running.discard(key)
-                return []
+            queue = self._queues[key]
             batch, objects = [], 0
             while queue and (not batch or objects + len(queue[0].prompt) <= self.max_objects):
                 objects += len(queue[0].prompt)
                 batch.append(queue.pop(0))
             return batch
 
-    def _drain(self, key: Hashable) -> None:
-        while batch := self._take(key):
-            self._run(batch)
-
-    def _run(self, batch: list[_Pending]) -> None:
+    def _run(self, key: Hashable, batch: list[_Pending]) -> None:
         merged = Prompt(objects=tuple(obj for item in batch for obj in item.prompt.objects))
         try:
             decoded = self._decode(batch[0].embedding, merged, batch[0].hq_token_only)
-        except BaseException as error:  # every waiter gets the failure (e.g. out of memory → 503)
+        except BaseException as error:  # every request in the call gets the failure (e.g. out of memory → 503)
             for item in batch:
                 item.future.set_exception(error)
-            return
-        self.calls += 1
-        self.requests += len(batch)
-        start = 0
+        else:
+            start = 0
+            for item in batch:
+                stop = start + len(item.prompt)
+                item.future.set_result(split(decoded, item.prompt, start, stop))
+                start = stop
+        with self._lock:
+            self.calls += 1
+            self.requests += len(batch)
+            queue = self._queues[key]
+            if queue:
+                queue[0].turn.set()  # the next call is that thread's
+            else:
+                del self._queues[key]
         for item in batch:
-            stop = start + len(item.prompt)
-            item.future.set_result(split(decoded, item.prompt, start, stop))
-            start = stop
+            item.turn.set()
 
 
 def split(decoded: Decoded, prompt: Prompt, start: int, stop: int) -> Decoded:
