@@ -27,6 +27,8 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,9 @@ class SegmenterReplica:
         fit_cpu_threads(self.settings.threads)  # Ray sets OMP_NUM_THREADS to the replica's CPUs
         loader = _load_batching if batch else Segmenter.from_pretrained
         self.registry = service.ModelRegistry(self.settings, loader=loader)
+        # a thread per request Ray lets in (the default executor has cores + 4): concurrent clicks on one
+        # picture must all reach the decode to be merged
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="segment")
         self.name = serve.get_replica_context().replica_id.unique_id
 
         async def hold(picture: str) -> _Held:
@@ -134,7 +139,8 @@ class SegmenterReplica:
         picture = serve.get_multiplexed_model_id()
         if picture:
             await self._hold(picture)
-        result = await asyncio.to_thread(service.segment, self.registry, **request)
+        work = partial(service.segment, self.registry, **request)
+        result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
         return result, self.name
 
     def stats(self) -> dict[str, Any]:
