@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=8, help="clicks per client (default 8)")
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs of the replica")
+    parser.add_argument("--merged", nargs="+", default=["off", "on"], choices=["off", "on"], help="modes, in order")
+    parser.add_argument("--device", default="cpu", help="the replica's device: cpu, cuda (default cpu)")
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs of the replica (default 0)")
     parser.add_argument("--size", default="1500x1000", help="picture size WxH (default 1500x1000)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -90,16 +93,27 @@ def main() -> None:
 
     print(f"building a random {args.shape} SAM-HQ checkpoint in {_HF_HOME} ...", flush=True)
     install_in_hf_cache(_HF_HOME, MODEL_ID, "sam_hq", args.shape)
-    env = {"SAMHQ_MODEL": MODEL_ID, "SAMHQ_DEVICE": "cpu", "SAMHQ_PRELOAD_EXAMPLES": "0", "SAMHQ_MAX_QUEUE": "64"}
-    ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env(env))
+    env = {"SAMHQ_MODEL": MODEL_ID, "SAMHQ_DEVICE": args.device, "SAMHQ_PRELOAD_EXAMPLES": "0", "SAMHQ_MAX_QUEUE": "64"}
+    ray.init(
+        num_cpus=args.cpus,
+        num_gpus=args.gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env(env),
+    )
     image = picture_b64(width, height)
     rows = []
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
-        for batch in (False, True):
-            options = {"replicas": 1, "cpus": args.cpus, "ingress_replicas": max(1, -(-max(args.clients) // 4))}
+        for batch in (mode == "on" for mode in args.merged):
+            options = {
+                "replicas": 1,
+                "cpus": args.cpus,
+                "gpus": args.gpus,
+                "ingress_replicas": max(1, -(-max(args.clients) // 4)),
+            }
             serve.run(build({**options, "batch": batch}), name="samhq", route_prefix="/")
             measure(url, image, 1, 1, width, height)  # encode the picture, warm the paths
             stats = serve.get_deployment_handle("Segmenter", "samhq").stats

@@ -53,7 +53,7 @@ def ray_url(hf_home):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"replicas": 2, "cpus": 1, "retries": 5}), name="samhq", route_prefix="/")
+        serve.run(build({"replicas": 2, "cpus": 1, "retries": 5, "batch": True}), name="samhq", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -42,7 +42,7 @@ from .. import service
 from ..api import install_api
 from ..engine import Segmenter
 from ..errors import ModelUnavailableError, SegmentationError
-from ..models import fit_cpu_threads
+from ..models import fit_cpu_threads, resolve_device
 from ..settings import Settings
 from .batching import BatchingSegmenter
 from .headers import ReplicaHeader, answered_by
@@ -61,6 +61,11 @@ def _env_number(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from error
 
 
+def _env_auto_flag(name: str) -> bool | None:
+    raw = os.environ.get(name, "").strip().lower()
+    return None if raw in ("", "auto") else raw not in ("0", "false", "no", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class RayOptions:
     """The deployment's knobs (env var, default). In deploy/serve.yaml Ray's own `deployments:` section
@@ -73,7 +78,7 @@ class RayOptions:
     max_ongoing: int = 16  # SAMHQ_RAY_MAX_ONGOING: requests a replica takes at once (merged decodes need > 1)
     ingress_replicas: int = 1  # SAMHQ_RAY_INGRESS_REPLICAS: API processes (no model; 4 segmentations each at once)
     retries: int = 3  # SAMHQ_RAY_RETRIES: tries on another replica when one dies mid-request
-    batch: bool = True  # SAMHQ_RAY_BATCH: merge concurrent decodes on one picture (0: each decodes alone)
+    batch: bool | None = None  # SAMHQ_RAY_BATCH: merge concurrent decodes on one picture: 1, 0, auto (= on a GPU)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RayOptions:
@@ -85,7 +90,7 @@ class RayOptions:
             "max_ongoing": int(_env_number("SAMHQ_RAY_MAX_ONGOING", cls.max_ongoing)),
             "ingress_replicas": int(_env_number("SAMHQ_RAY_INGRESS_REPLICAS", cls.ingress_replicas)),
             "retries": int(_env_number("SAMHQ_RAY_RETRIES", cls.retries)),
-            "batch": bool(_env_number("SAMHQ_RAY_BATCH", cls.batch)),
+            "batch": _env_auto_flag("SAMHQ_RAY_BATCH"),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -113,9 +118,12 @@ class _Held:
 class SegmenterReplica:
     """One model and its own embedding cache (SAMHQ_* settings from the environment, as in one process)."""
 
-    def __init__(self, max_pictures: int = RayOptions.max_pictures, batch: bool = RayOptions.batch):
+    def __init__(self, max_pictures: int = RayOptions.max_pictures, batch: bool | None = RayOptions.batch):
         self.settings = dataclasses.replace(Settings.from_env(), preload_examples=False)
         fit_cpu_threads(self.settings.threads)  # Ray sets OMP_NUM_THREADS to the replica's CPUs
+        if batch is None:  # auto: a GPU decodes N objects in about the time of one; a CPU takes N times as long
+            batch = resolve_device(self.settings.device).type == "cuda"  # (docs/SCALING.md, measured on CPU)
+        self.batching = batch
         loader = _load_batching if batch else Segmenter.from_pretrained
         self.registry = service.ModelRegistry(self.settings, loader=loader)
         # a thread per request Ray lets in (the default executor has cores + 4): concurrent clicks on one
@@ -149,6 +157,7 @@ class SegmenterReplica:
         batchers = [m.batcher for m in models.values() if isinstance(m, BatchingSegmenter)]
         return {
             "replica": self.name,
+            "batching": self.batching,
             "cache": dataclasses.asdict(self.registry.cache.stats()),
             "decoder_calls": sum(b.calls for b in batchers),
             "decoded_requests": sum(b.requests for b in batchers),
@@ -234,7 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pictures", type=int, help="picture ids per replica (SAMHQ_RAY_MAX_PICTURES, 48)")
     parser.add_argument("--max-ongoing", type=int, help="requests per replica at once (SAMHQ_RAY_MAX_ONGOING, 16)")
     parser.add_argument("--ingress-replicas", type=int, help="API processes (SAMHQ_RAY_INGRESS_REPLICAS, 1)")
-    parser.add_argument("--no-batch", dest="batch", action="store_const", const=False, help="decode each click alone")
+    parser.add_argument(
+        "--batch",
+        action=argparse.BooleanOptionalAction,
+        help="merge decodes on one picture (SAMHQ_RAY_BATCH; auto: on a GPU)",
+    )
     parser.add_argument("--cache-mb", type=int, help="embedding cache per replica, MB (SAMHQ_CACHE_MB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
