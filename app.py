@@ -49,9 +49,8 @@ def preload(registry: ModelRegistry, settings: Settings) -> threading.Thread:
     def run() -> None:
         try:
             segmenter = registry.get()
-        except SegmentationError as error:
-            log.error("default model not loaded: %s", error.message)
-            return
+        except SegmentationError:
+            return  # the registry has logged the one message; the page shows it as a banner
         if settings.preload_examples:
             for path in example_pictures():
                 try:
@@ -90,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the image encoder at load (SAMHQ_COMPILE)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads; 0 = the usable cores (SAMHQ_THREADS)")
+    parser.add_argument("--ui-sessions", type=int, help="page sessions kept at once (SAMHQ_UI_SESSIONS, 100)")
+    parser.add_argument(
+        "--ui-session-ttl", type=float, help="idle seconds before a page session ends (SAMHQ_UI_SESSION_TTL)"
+    )
     return parser.parse_args(argv)
 
 
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     settings = settings_from(args)
+    if args.ui_sessions is not None:
+        os.environ["SAMHQ_UI_SESSIONS"] = str(args.ui_sessions)
+    if args.ui_session_ttl is not None:
+        os.environ["SAMHQ_UI_SESSION_TTL"] = str(args.ui_session_ttl)
     fit_cpu_threads(settings.threads)
     registry = ModelRegistry(settings)
     app = build_app(settings, registry)
