@@ -310,3 +310,19 @@ def test_the_use_via_api_function():
     assert len(segment(png_b64(), [[[10, 10]], [[100, 50]]], None, "", 2)["data"]) == 2
     with pytest.raises(Error, match="outside"):
         segment(png_b64(), [[[1000, 10]]])
+
+
+def test_the_file_rule_resolves_links_and_refuses_devices_and_urls(tmp_path):
+    from ui.guard import allowed_file
+
+    inside = tmp_path / "uploads"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(b"x")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"y")
+    (inside / "link.png").symlink_to(secret)
+    assert allowed_file(inside / "a.png", [inside])
+    assert not allowed_file(inside / "link.png", [inside]), "a link out of the folder is outside"
+    assert not allowed_file(str(inside / ".." / "secret.png"), [inside])
+    assert not allowed_file("/dev/zero", ["/dev"]), "only regular files"
+    assert not allowed_file("http://127.0.0.1/a.png", [inside]) and not allowed_file(inside, [inside])

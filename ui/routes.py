@@ -10,6 +10,7 @@ hence through the API's format, pixel, object and point limits.
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from segmentation import export, visualize
 from segmentation.errors import ModelUnavailableError, SegmentationError
 from segmentation.masks import encode_png
 from segmentation.schemas import build_response
-from segmentation.service import SegmentResult
+from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
 
 from . import state as st
 from .backend import LocalBackend, Preview
@@ -78,6 +79,9 @@ class PageRoutes:
         self.store = store
         self.max_body_bytes = max_body_bytes
         self.public_url = public_url
+        # like the API's: a bounded number of page requests use the model at once, the rest wait, and
+        # past `max_waiting` the page answers "busy" at once instead of piling up threads
+        self.gate = AdmissionGate(max_concurrent=2, max_waiting=backend.settings.max_queue)
 
     # ---- views --------------------------------------------------------------------------
 
@@ -210,6 +214,7 @@ class PageRoutes:
             embedding, cached = self.backend.embedding(session.model, session.picture)
             session.picture = _replace_key(session.picture, embedding.key)
             if op == "embed" or not session.prompted():
+                _give_memory_back()
                 how = "from the cache" if cached else f"computed in {time.perf_counter() - start:.2f} s"
                 return self.view(entry, None, f"Picture ready — embedding {how}. Click on it to add a point.")
         preview, status = self.render(entry)
@@ -243,6 +248,7 @@ class PageRoutes:
         )
         entry.decoded = None
         self._clear_downloads(entry)
+        _give_memory_back()
         return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
 
     # ---- downloads ------------------------------------------------------------------------
@@ -264,11 +270,14 @@ class PageRoutes:
             folder.mkdir()
             self._build(entry, folder, base_url)
             marker.write_text(str(rev))
+            _give_memory_back()
         path = folder / name
         if name == "cutout.png" and not path.exists():
             labels = np.asarray(Image.open(folder / "mask.png"))
             rgb = self.backend.prepare(session.model, session.picture.source)
             Image.fromarray(visualize.cutout(rgb, labels)).save(path)
+            del rgb, labels
+            _give_memory_back()
         return path
 
     def _build(self, entry: Entry, folder: Path, base_url: str) -> None:
@@ -333,6 +342,14 @@ def _number(body: dict[str, Any], name: str) -> float:
     return float(value)
 
 
+def _give_memory_back() -> None:
+    """After a big picture, hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _safe_name(name: str) -> str:
     name = os.path.basename(name or "picture.jpg")[:100]
     return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
@@ -348,7 +365,7 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(404, "This page's session has expired: reload the page.", "session_expired")
 
         def locked():
-            with entry.lock:
+            with routes.gate, entry.lock:
                 return work(entry)
 
         try:
@@ -356,6 +373,8 @@ def install_page_routes(app, routes: PageRoutes) -> None:
         except ModelUnavailableError as failure:
             model = entry.session.model
             return error(503, failure.message, "model_unavailable", banner=banner(model, failure.message))
+        except OverloadedError as failure:
+            return error(429, failure.message, "rate_limit_exceeded")
         except SegmentationError as failure:
             return error(400, failure.message, failure.code or "invalid_request")
         except ValueError as failure:
