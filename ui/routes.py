@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -410,7 +411,7 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             index = None if example is None else int(example)
         except ValueError:
             return error(400, "example must be an index.")
-        name = request.headers.get("x-filename", "picture.jpg")
+        name = unquote(request.headers.get("x-filename", "picture.jpg"))
         return await guarded(sid, lambda entry: JSONResponse(routes.load_picture(entry, data, name, index)))
 
     @router.post("/session/{sid}/op")
