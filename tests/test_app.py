@@ -240,18 +240,19 @@ def test_sessions_hold_no_pixels_expire_and_keep_disk_bounded(monkeypatch):
         assert len(store) == 0 and not any(store.root.iterdir())
 
 
-def test_anonymous_gradio_uploads_are_deleted(monkeypatch):
+def test_gradio_uploads_are_closed_and_its_cache_is_cleaned(monkeypatch):
     import gradio
 
     monkeypatch.setenv("SAMHQ_UI_CACHE_AGE", "2")
-    with LiveServer(build()) as live, httpx.Client(base_url=live.url, timeout=30) as http:
-        uploaded = http.post("/gradio_api/upload", files={"files": ("a.png", png_bytes(20, 20))}).json()[0]
-        path = Path(uploaded)
-        assert path.exists() and str(path).startswith(gradio.utils.get_upload_folder())
-        deadline = time.monotonic() + 30
-        while path.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)  # waits on the condition; Gradio's clean-up runs every second here
-        assert not path.exists()
+    application = build()
+    with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+        before = set(Path(gradio.utils.get_upload_folder()).rglob("*"))
+        for path in ("/gradio_api/upload", "/gradio_api/upload/"):
+            refused = http.post(path, files={"files": ("a.png", png_bytes(20, 20))})
+            assert refused.status_code == 403, refused.text
+        assert set(Path(gradio.utils.get_upload_folder()).rglob("*")) <= before, "nothing was stored"
+    blocks = next(route.app for route in application.routes if hasattr(route, "app") and hasattr(route.app, "blocks"))
+    assert blocks.get_blocks().delete_cache == (1, 2), "what Gradio does store is deleted after SAMHQ_UI_CACHE_AGE"
 
 
 def test_the_offline_banner_names_the_model_and_the_fix():

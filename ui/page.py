@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from segmentation import service
 from segmentation.api import APIError, decode_base64_image
@@ -31,6 +32,31 @@ STATIC = Path(__file__).parent / "static"
 def _env_number(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     return float(raw) if raw else default
+
+
+class NoGradioUploads:
+    """The page uploads through /ui; nothing uses Gradio's own upload route, so it is closed: no
+    anonymous files pile up in Gradio's cache (what remains there is deleted by `delete_cache`)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            response = JSONResponse(
+                {
+                    "error": {
+                        "message": "Uploads go through the page.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "forbidden",
+                    }
+                },
+                status_code=403,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def page_options() -> dict[str, float]:
@@ -100,6 +126,7 @@ def mount_page(app: FastAPI, registry: ModelRegistry, settings: Settings, gpu=la
         public_url=os.environ.get("SAMHQ_PUBLIC_URL"),
     )
     install_page_routes(app, routes)
+    app.add_middleware(NoGradioUploads)
     app.state.page = routes
     demo = build_blocks(registry, settings, options["cache_age"], gpu)
     return gr.mount_gradio_app(
