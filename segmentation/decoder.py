@@ -9,21 +9,20 @@ slice away the tokens that `multimask_output` does not ask for. Here:
   queries), and for SAM-HQ the HQ features (embedding encoder + compressed ViT features)
   instead of the raw intermediate ViT embeddings. Smaller than what transformers keeps, and
   about half of the SAM-HQ decoder's work no longer runs per click.
-* `decode()` runs every object of a prompt through the decoder in one batched call and
-  returns all mask tokens with all IoU predictions, so each object can pick its own
-  (multimask for a single point, the single-mask token for several).
+* `decode()` runs objects of one token layout (point count, box or not) through the decoder
+  in one batched call and returns all mask tokens with all IoU predictions, so each object
+  can pick its own (multimask for a single point alone, the single-mask token otherwise).
+  Objects are never padded to each other's length: the engine groups them by layout.
 
 Every step applies transformers' own modules to the same values in the same order as its
 forward does; only the grouping changes (once per picture instead of once per click and
-object). The tests compare with the full forward per object: logits equal to float32
-rounding (batching several objects changes the matrix shapes), masks identical
-(tests/test_engine.py).
-
-The decode follows the official SAM-HQ `MaskDecoderHQ.predict_masks`: the masks are built
-from the image embedding *as refined by the two-way transformer*. transformers 5.x's
-`SamHQMaskDecoder.forward` upscales the unrefined input embedding instead (and with its
-height and width swapped); the tests check us against transformers' forward with only
-that step corrected.
+object). The decode follows the official SAM-HQ `MaskDecoderHQ.predict_masks` where
+transformers departs from it (docs/UPSTREAM.md): the masks are built from the image
+embedding *as refined by the two-way transformer* (transformers 5.x upscales the unrefined
+input embedding, height and width swapped), and the two-way transformer's norms use the
+official eps (`use_official_layer_norms`). The tests compare each object with a port of the
+official inference code (tests/test_official.py: IoU >= 0.999, predicted IoU within 1e-4)
+and with transformers' forward with that one step corrected (tests/test_engine.py).
 """
 
 from __future__ import annotations
