@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_picture
-from official_reference import LayerNorm2d, OfficialPredictor, official_state_dict, predict_object
+from official_reference import LayerNorm2d, OfficialPredictor, _rename, official_state_dict, predict_object
 
 from segmentation import decoder as dec
 
@@ -95,37 +95,25 @@ def test_one_point_object_is_unchanged_by_a_three_point_neighbour(segmenter):
 
 
 def test_the_weights_map_one_to_one_onto_the_official_modules(segmenter, sam_segmenter):
-    """Every official parameter comes from the checkpoint (strict load), and every norm of the prompt and
-    decoder path has the official epsilon in our loaded model."""
+    """Every official parameter comes from the checkpoint (strict load, same names both ways), and every
+    norm of the prompt and decoder path has the official epsilon in our loaded model."""
     for seg in (segmenter, sam_segmenter):
         reference = OfficialPredictor(seg.model, seg.loaded.processor)
-        names = {name for name, _ in reference.model.named_parameters()} | {
-            name for name, _ in reference.model.named_buffers()
-        }
-        assert names == set(official_state_dict(seg.model))
-        hf_norms = {
-            name: module.eps
+        mapped = official_state_dict(seg.model)
+        names = {name for name, _ in reference.model.named_parameters()}
+        names |= {name for name, _ in reference.model.named_buffers()}
+        assert names == set(mapped)
+        ours = {
+            _rename(f"{name}.weight").rsplit(".", 1)[0]: module.eps
             for name, module in seg.model.named_modules()
             if isinstance(module, torch.nn.LayerNorm) and not name.startswith("vision_encoder")
         }
-        official_norms = {
+        official = {
             name: module.eps
             for name, module in reference.model.named_modules()
             if isinstance(module, (torch.nn.LayerNorm, LayerNorm2d))
         }
-        mapped = {}
-        for name, eps in hf_norms.items():
-            official = [k for k in official_state_dict(seg.model) if k.endswith(".weight")]
-            key = _official_name(seg.model, name)
-            assert key + ".weight" in official, name
-            mapped[key] = eps
-        assert mapped == official_norms
-
-
-def _official_name(model, hf_name: str) -> str:
-    from official_reference import _rename
-
-    return _rename(hf_name + ".weight").rsplit(".", 1)[0]
+        assert ours == official
 
 
 def test_vit_norms_match_the_official_build():
