@@ -216,6 +216,7 @@ def create_router(
                     image=picture,
                     points=body.segment_prompt,
                     labels=body.point_labels,
+                    boxes=body.box_prompt,
                     model=body.model,
                     candidates=body.n,
                     hq_token_only=body.hq_token_only,

@@ -173,6 +173,7 @@ def segment(
     image: Any,
     points: Any,
     labels: Any = None,
+    boxes: Any = None,
     model: str | None = None,
     candidates: int = 1,
     hq_token_only: bool = False,
@@ -186,7 +187,7 @@ def segment(
     embedding, cached = segmenter.embed_with_info(image)
     timings["embed"] = time.perf_counter() - start  # decode + encoder, or a cache lookup
     prompt = segmenter.parse(
-        embedding, points, labels, max_objects=settings.max_objects, max_points=settings.max_points
+        embedding, points, labels, boxes, max_objects=settings.max_objects, max_points=settings.max_points
     )
     result = segmenter.segment(embedding, prompt, candidates=candidates, hq_token_only=hq_token_only)
     timings.update(result.timings)
