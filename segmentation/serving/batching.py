@@ -8,10 +8,9 @@ split back per request.
 No timer: a decode that finds none running on its group runs at once (a lone click waits for
 nothing); decodes arriving while one runs queue, and the next call takes all of them.
 
-Exactness: objects are padded to the longest object's point count of their decode, and a pad
-token still takes part in attention. A request's objects are therefore only merged with requests of
-the same padded length (group key), so each object sees exactly the tokens it would see alone.
-After per-object decoding (issue 13) the padded length may be dropped from the key.
+Exactness: the engine decodes each object with exactly its own tokens (objects are grouped by
+token layout, never padded to another object's length), so an object's mask does not depend on the
+other objects of its decode, and requests on one picture merge freely.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ class _Pending:
 
 class DecodeBatcher:
     """Runs `decode(embedding, prompt, hq_token_only)` for concurrent callers: one merged call per group
-    (same picture, HQ setting and padded length) at a time.
+    (same picture and HQ setting) at a time.
 
     The caller that finds its group idle runs the call with everything queued, itself first; when it is
     done it hands the turn to the oldest request still queued (whose thread runs the next call), so no
@@ -52,7 +51,7 @@ class DecodeBatcher:
         self.requests = 0  # requests answered
 
     def decode(self, embedding: Embedding, prompt: Prompt, hq_token_only: bool = False) -> Decoded:
-        key = (embedding.key, hq_token_only, max(len(obj.points) for obj in prompt.objects))
+        key = (embedding.key, hq_token_only)
         pending = _Pending(embedding, prompt, hq_token_only)
         with self._lock:
             busy = key in self._queues
