@@ -163,7 +163,10 @@ def test_embeddings_without_intermediate_silently_drop_hq_fusion(segmenter, pict
     torch.testing.assert_close(embedding.features.hq_features, expected)
 
 
-def test_more_than_255_objects_give_a_uint16_map(segmenter):
+def test_more_than_255_objects_give_a_uint16_map(segmenter, monkeypatch):
+    from segmentation import engine
+
+    monkeypatch.setattr(engine, "MAX_DECODE_BATCH", 64)  # fewer, larger calls: faster on the tiny test model
     rgb = make_picture(64, 48)
     prompt = [[[float(i % 64), float(i // 64 * 10)]] for i in range(260)]
     embedding = segmenter.embed(rgb)
