@@ -275,8 +275,6 @@ def create_router(
             picture = decode_base64_image(body.image_prompt)
             width, height = upright_size(picture, limits.max_pixels)  # the header only
             limits.check_work(len(body.segment_prompt), body.n, width, height)
-            if body.user:
-                log.info("segmentation request from user %s for %s", loggable_user(body.user), body.model)
             with gate.admit(gone):
                 result = segment(
                     registry,
@@ -288,6 +286,8 @@ def create_router(
                     hq_token_only=body.hq_token_only,
                     size=size,
                 )
+            if body.user:  # only a request that passed every check: shortened and escaped
+                log.info("segmentation for user %s with %s", loggable_user(body.user), body.model)
             return Response(build_response(result).model_dump_json(), media_type="application/json")
 
         try:
