@@ -39,7 +39,7 @@ class Limits:
     max_objects: int = 255
     max_points: int = 64
     max_candidates: int = MAX_CANDIDATES
-    max_work_mp: int = 3000
+    max_work_mp: int = 1000
     max_body_bytes: int = 32 * MiB
     max_upload_bytes: int = 50 * MiB
     max_user_chars: int = MAX_USER_CHARS
