@@ -70,7 +70,7 @@ class RequestGuard:
                 "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                 "authentication_error",
                 "invalid_api_key",
-                {"WWW-Authenticate": "Bearer"},
+                {"WWW-Authenticate": "Bearer", "Connection": "close"},  # the unread body is never wanted
             )(send)
             return
         cap = self.limits.max_upload_bytes if path in UPLOAD_PATHS else self.limits.max_body_bytes

@@ -17,6 +17,8 @@ def test_defaults(monkeypatch):
         "SAMHQ_COMPILE",
         "SAMHQ_PRELOAD_EXAMPLES",
         "SAMHQ_THREADS",
+        "SAMHQ_MAX_WORK_MP",
+        "SAMHQ_MAX_UPLOAD_MB",
     ):
         monkeypatch.delenv(name, raising=False)
     settings = Settings.from_env()
@@ -28,6 +30,7 @@ def test_defaults(monkeypatch):
         32,
     )
     assert settings.api_keys == () and settings.preload_examples and not settings.compile
+    assert (settings.max_work_mp, settings.max_upload_mb) == (1000, 50)
     assert settings.threads == 0
 
 
