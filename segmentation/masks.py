@@ -51,25 +51,42 @@ def compose_label_map(
 
     A pixel belongs to an object where its upscaled logit is > 0; where several claim it,
     the highest logit wins (ties: the earlier object). A running maximum over the objects, in
-    order, updated in place: a few objects are upscaled at a time, so the full-size logits of
-    all objects never exist at once and the peak is about 6 bytes a pixel plus one chunk
-    (about 400 MB at 40 megapixels, whatever the number of objects).
+    order, updated in place: at most `_MAX_UPSCALED_VALUES` upscaled logits exist at once (one
+    object at a time on a large picture), so the peak does not grow with the number of objects:
+    about 10 bytes a pixel at 40 megapixels (~400 MB).
     """
     n = low_res_logits.shape[0]
     height, width = original_size
-    device = low_res_logits.device
-    labels = torch.zeros((height, width), dtype=_device_label_dtype(n), device=device)
-    best = torch.zeros((height, width), dtype=torch.float32, device=device)  # > 0 claims a pixel
-    wins = torch.empty((height, width), dtype=torch.bool, device=device)
+    dtype = _device_label_dtype(n)
+    labels = best = wins = None
     chunk = max(1, _MAX_UPSCALED_VALUES // max(1, height * width))
     for start in range(0, n, chunk):
         logits = upscale_logits(low_res_logits[start : start + chunk], resized_size, original_size)
-        for offset in range(logits.shape[0]):
-            torch.gt(logits[offset], best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
-            labels.masked_fill_(wins, start + offset + 1)
-            torch.maximum(best, logits[offset], out=best)
+        if logits.shape[0] == 1:  # large pictures: one object at a time, no index map
+            chunk_best, values = logits[0], start + 1
+        else:  # small pictures: the chunk's maximum at once (its int64 index map is small here)
+            chunk_best, index = logits.max(dim=0)  # ties: the first index
+            values = (index + (start + 1)).to(dtype)
+            del index
         del logits
+        if labels is None:  # nothing claimed yet: a pixel is claimed where its logit is > 0
+            wins = chunk_best > 0
+            labels = _claim(wins, values, torch.zeros((height, width), dtype=dtype, device=wins.device))
+            if start + chunk < n:
+                best = chunk_best.clamp_min(0)
+        else:
+            torch.gt(chunk_best, best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
+            labels = _claim(wins, values, labels)
+            torch.maximum(best, chunk_best, out=best)
+        del chunk_best, values
     return labels
+
+
+def _claim(wins: torch.Tensor, values: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
+    """`labels` with `values` where `wins`: in place for one object's value, else a new map."""
+    if isinstance(values, int):
+        return labels.masked_fill_(wins, values)
+    return torch.where(wins, values, labels)
 
 
 def object_stats(labels: np.ndarray, n_objects: int) -> list[ObjectStats]:
