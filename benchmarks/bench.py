@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                      # ViT-B shape on the best device, writes benchmarks/results/
     python benchmarks/bench.py --shape large --device cpu --warm-reps 10
+    python benchmarks/bench.py --only box           # just a box + 2 points against 3 points, warm
 
 The checkpoint has the exact architecture of the requested size with random weights (the hub
 may be unreachable): the same compute as the published model, meaningless masks. Results: a
@@ -38,6 +39,8 @@ from benchmarks.report import chart, markdown_table  # noqa: E402
 
 MODEL_ID = "syscv-community/sam-hq-vit-base"
 ONE_OBJECT = [[[620.0, 410.0]]]
+THREE_POINTS = [[[620.0, 410.0], [700.0, 450.0], [560.0, 380.0]]]
+BOX_AND_TWO_POINTS = ([[[620.0, 410.0], [700.0, 450.0]]], [[1, 1]], [[450.0, 300.0, 820.0, 560.0]])
 EIGHT_OBJECTS = [
     [[100.0 + 160 * i, 200.0 + 60 * (i % 3)]] + ([[130.0 + 160 * i, 260.0]] if i % 2 else []) for i in range(8)
 ]
@@ -131,12 +134,12 @@ def cold_click(segmenter, picture: bytes, prompt) -> dict[str, float]:
     return times
 
 
-def warm_click(segmenter, key: str, prompt) -> dict[str, float]:
+def warm_click(segmenter, key: str, prompt, labels=None, boxes=None) -> dict[str, float]:
     """A click on a picture the session already embedded: the UI's path (key kept in session state)."""
     from segmentation.masks import encode_png
 
     embedding = segmenter.cached(key)
-    result = segmenter.segment(embedding, prompt)
+    result = segmenter.segment(embedding, prompt, labels, boxes)
     times = dict(result.timings)
     start = time.perf_counter()
     encode_png(result.best.labels)
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-reps", type=int, default=3)
     parser.add_argument("--warm-reps", type=int, default=20)
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--only", choices=["box"], help="box: only the warm box + 2 points vs 3 points comparison")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -226,32 +230,46 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats(segmenter.device)
 
         scenarios: dict[str, list[dict[str, float]]] = {}
-        scenarios["naive (full forward per click)"] = [
-            naive_click(segmenter, picture, ONE_OBJECT) for _ in range(args.naive_reps)
-        ]
-        scenarios["cold click (new picture)"] = [
-            cold_click(segmenter, picture, ONE_OBJECT) for _ in range(args.cold_reps)
-        ]
+        if args.only is None:
+            scenarios["naive (full forward per click)"] = [
+                naive_click(segmenter, picture, ONE_OBJECT) for _ in range(args.naive_reps)
+            ]
+            scenarios["cold click (new picture)"] = [
+                cold_click(segmenter, picture, ONE_OBJECT) for _ in range(args.cold_reps)
+            ]
         embedding, _ = segmenter.embed_with_info(picture)
-        scenarios["warm click, 1 object"] = [
-            warm_click(segmenter, embedding.key, ONE_OBJECT) for _ in range(args.warm_reps)
-        ]
-        scenarios["warm click, 8 objects"] = [
-            warm_click(segmenter, embedding.key, EIGHT_OBJECTS) for _ in range(args.warm_reps)
-        ]
-        if not args.no_http:
+        if args.only is None:
+            scenarios["warm click, 1 object"] = [
+                warm_click(segmenter, embedding.key, ONE_OBJECT) for _ in range(args.warm_reps)
+            ]
+            scenarios["warm click, 8 objects"] = [
+                warm_click(segmenter, embedding.key, EIGHT_OBJECTS) for _ in range(args.warm_reps)
+            ]
+        # a box costs two prompt tokens: box + 2 points against 3 points alone, alternated so load drift hits both
+        three, boxed = [], []
+        for _ in range(args.warm_reps):
+            three.append(warm_click(segmenter, embedding.key, THREE_POINTS))
+            boxed.append(warm_click(segmenter, embedding.key, *BOX_AND_TWO_POINTS))
+        scenarios["warm click, 3 points"] = three
+        scenarios["warm click, box + 2 points"] = boxed
+        if not args.no_http and args.only is None:
             runs = http_clicks(segmenter, picture, ONE_OBJECT, args.warm_reps)
             if runs:
                 scenarios["warm click over HTTP, 1 object"] = runs
 
         totals = {name: summary([sum(run.values()) for run in runs]) for name, runs in scenarios.items()}
-        warm = totals["warm click, 1 object"]["median_ms"]
-        cold = totals["cold click (new picture)"]["median_ms"]
-        naive = totals["naive (full forward per click)"]["median_ms"]
-        ratios = {"naive / warm": naive / warm, "cold / warm": cold / warm}
-        if "warm click over HTTP, 1 object" in totals:
-            http = totals["warm click over HTTP, 1 object"]["median_ms"]
-            ratios.update({"naive / warm over HTTP": naive / http, "cold / warm over HTTP": cold / http})
+        ratios = {
+            "box + 2 points / 3 points": totals["warm click, box + 2 points"]["median_ms"]
+            / totals["warm click, 3 points"]["median_ms"]
+        }
+        if args.only is None:
+            warm = totals["warm click, 1 object"]["median_ms"]
+            cold = totals["cold click (new picture)"]["median_ms"]
+            naive = totals["naive (full forward per click)"]["median_ms"]
+            ratios.update({"naive / warm": naive / warm, "cold / warm": cold / warm})
+            if "warm click over HTTP, 1 object" in totals:
+                http = totals["warm click over HTTP, 1 object"]["median_ms"]
+                ratios.update({"naive / warm over HTTP": naive / http, "cold / warm over HTTP": cold / http})
         memory = {
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "cache_entry_mb": embedding.nbytes / 2**20,
@@ -270,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench-{segmenter.device.type}-{args.shape}"
+        stem = f"bench-{segmenter.device.type}-{args.shape}" + (f"-{args.only}" if args.only else "")
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
         table = markdown_table(report)
         (out / f"{stem}.md").write_text(table)

@@ -33,7 +33,7 @@ def markdown_table(report: dict) -> str:
         stages = ", ".join(f"{stage} {s['median_ms']:.1f}" for stage, s in report["stages"][name].items())
         lines.append(f"| {name} | {total['median_ms']:.1f} | {total['p95_ms']:.1f} | {stages} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {name} | {value:.1f}× |" for name, value in report["ratios"].items()]
+    lines += [f"| {name} | {value:.2f}× |" for name, value in report["ratios"].items()]
     lines += ["", "| memory | MB |", "|---|---:|"]
     lines += [f"| {name} | {value:.1f} |" for name, value in report["memory"].items()]
     return "\n".join(lines) + "\n"

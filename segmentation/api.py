@@ -156,7 +156,30 @@ def _check_number(value: Any, loc: list[Any]) -> None:
         raise _BadValue(loc, f"Input should be between -{MAX_COORDINATE} and {MAX_COORDINATE}")
 
 
-def _check_prompt(points: Any, labels: Any, limits: Limits) -> None:
+def _check_boxes(boxes: Any, limits: Limits) -> None:
+    """`box_prompt`: None, or at most one box (or null) per object; each box's first values must be numbers."""
+    if boxes is None:
+        return
+    if not isinstance(boxes, list):
+        raise _BadValue(["box_prompt"], "Input should be a valid list")
+    if len(boxes) > limits.max_objects:
+        raise InvalidPromptError(
+            f"box_prompt has {len(boxes)} boxes; the limit is {limits.max_objects}.", param="box_prompt"
+        )
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        if not isinstance(box, list):
+            raise _BadValue(["box_prompt", i], "Input should be a valid list")
+        for k, value in enumerate(box[:4]):
+            _check_number(value, ["box_prompt", i, k])
+        if len(box) != 4:
+            raise InvalidPromptError(
+                f"object {i + 1}: the box must be [x0, y0, x1, y1] or null, got {len(box)} values.", param="box_prompt"
+            )
+
+
+def _check_prompt(points: Any, labels: Any, limits: Limits, boxes: Any = None) -> None:
     """Walk `segment_prompt` and `point_labels` once, stopping at the first problem: the counts of
     `limits` (400, as prompt validation words them) and the schema's types (422). What reaches
     pydantic afterwards is small and well-formed, so it never builds more than a few errors."""
@@ -176,6 +199,7 @@ def _check_prompt(points: Any, labels: Any, limits: Limits) -> None:
                 raise InvalidPromptError(
                     f"object {i + 1}, point {j + 1} must be [x, y], got {len(point)} values.", param="segment_prompt"
                 )
+    _check_boxes(boxes, limits)
     if labels is None:
         return
     if not isinstance(labels, list):
@@ -211,7 +235,7 @@ def parse_segmentation_request(raw: bytes, limits: Limits) -> SegmentationReques
     data = merge_extra_body(data)
     try:
         if "segment_prompt" in data:
-            _check_prompt(data["segment_prompt"], data.get("point_labels"), limits)
+            _check_prompt(data["segment_prompt"], data.get("point_labels"), limits, data.get("box_prompt"))
         return SegmentationRequest.model_validate(data)
     except _BadValue as bad:
         message, param, status, code = _describe_validation([{"loc": bad.loc, "msg": bad.message, "type": "value"}])
@@ -281,6 +305,7 @@ def create_router(
                     image=picture,
                     points=body.segment_prompt,
                     labels=body.point_labels,
+                    boxes=body.box_prompt,
                     model=body.model,
                     candidates=body.n,
                     hq_token_only=body.hq_token_only,

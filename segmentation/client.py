@@ -112,12 +112,17 @@ class _Images:
         image: Any,
         segment_prompt: list,
         model: str = DEFAULT_MODEL,
+        box_prompt: list | None = None,
         timeout: float | None = None,
         extra_headers: dict[str, str] | None = None,
         extra_body: dict | None = None,
         **kwargs: Any,
     ) -> SegmentationResponse:
-        """Segment `image` from point prompts; kwargs: point_labels, n, size, hq_token_only, user."""
+        """Segment `image` from point and box prompts. `box_prompt`: one `[x0, y0, x1, y1]` or None per
+        object of `segment_prompt` (a box-only object has an empty point list). kwargs: point_labels,
+        n, size, hq_token_only, user."""
+        if box_prompt is not None:
+            kwargs["box_prompt"] = box_prompt
         request = _request(
             image, segment_prompt, model, timeout, self._client.timeout, extra_headers, extra_body, kwargs
         )
@@ -161,12 +166,17 @@ class _AsyncImages:
         image: Any,
         segment_prompt: list,
         model: str = DEFAULT_MODEL,
+        box_prompt: list | None = None,
         timeout: float | None = None,
         extra_headers: dict[str, str] | None = None,
         extra_body: dict | None = None,
         **kwargs: Any,
     ) -> SegmentationResponse:
-        """Segment `image` from point prompts; kwargs: point_labels, n, size, hq_token_only, user."""
+        """Segment `image` from point and box prompts. `box_prompt`: one `[x0, y0, x1, y1]` or None per
+        object of `segment_prompt` (a box-only object has an empty point list). kwargs: point_labels,
+        n, size, hq_token_only, user."""
+        if box_prompt is not None:
+            kwargs["box_prompt"] = box_prompt
         request = _request(
             image, segment_prompt, model, timeout, self._client.timeout, extra_headers, extra_body, kwargs
         )

@@ -9,21 +9,20 @@ slice away the tokens that `multimask_output` does not ask for. Here:
   queries), and for SAM-HQ the HQ features (embedding encoder + compressed ViT features)
   instead of the raw intermediate ViT embeddings. Smaller than what transformers keeps, and
   about half of the SAM-HQ decoder's work no longer runs per click.
-* `decode()` runs every object of a prompt through the decoder in one batched call and
-  returns all mask tokens with all IoU predictions, so each object can pick its own
-  (multimask for a single point, the single-mask token for several).
+* `decode()` runs objects of one token layout (point count, box or not) through the decoder
+  in one batched call and returns all mask tokens with all IoU predictions, so each object
+  can pick its own (multimask for a single point alone, the single-mask token otherwise).
+  Objects are never padded to each other's length: the engine groups them by layout.
 
 Every step applies transformers' own modules to the same values in the same order as its
 forward does; only the grouping changes (once per picture instead of once per click and
-object). The tests compare with the full forward per object: logits equal to float32
-rounding (batching several objects changes the matrix shapes), masks identical
-(tests/test_engine.py).
-
-The decode follows the official SAM-HQ `MaskDecoderHQ.predict_masks`: the masks are built
-from the image embedding *as refined by the two-way transformer*. transformers 5.x's
-`SamHQMaskDecoder.forward` upscales the unrefined input embedding instead (and with its
-height and width swapped); the tests check us against transformers' forward with only
-that step corrected.
+object). The decode follows the official SAM-HQ `MaskDecoderHQ.predict_masks` where
+transformers departs from it (docs/UPSTREAM.md): the masks are built from the image
+embedding *as refined by the two-way transformer* (transformers 5.x upscales the unrefined
+input embedding, height and width swapped), and the two-way transformer's norms use the
+official eps (`use_official_layer_norms`). The tests compare each object with a port of the
+official inference code (tests/test_official.py: IoU >= 0.999, predicted IoU within 1e-4)
+and with transformers' forward with that one step corrected (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -34,6 +33,36 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.sam_hq.modeling_sam_hq import eager_attention_forward
+
+# Official SAM / SAM-HQ (segment_anything/modeling/transformer.py) build the two-way transformer's
+# norm1-norm4 as `nn.LayerNorm(embedding_dim)`, PyTorch's default eps 1e-5; transformers builds them
+# with `config.layer_norm_eps`, 1e-6. The weights were trained with 1e-5.
+OFFICIAL_TWO_WAY_EPS = 1e-5
+
+
+def use_official_layer_norms(model) -> None:
+    """Give every LayerNorm of the prompt/decoder path the epsilon of the official code. The one
+    place this is done; `models.load_model` calls it on every model it loads.
+
+    Audit against SysCV/sam-hq (and facebookresearch/segment-anything for SAM), transformers 5.x:
+
+    | official                                    | eps  | transformers                         | eps  |
+    |---------------------------------------------|------|--------------------------------------|------|
+    | TwoWayAttentionBlock.norm1-norm4            | 1e-5 | layers[i].layer_norm1-4              | 1e-6 | fixed here
+    | TwoWayTransformer.norm_final_attn           | 1e-5 | layer_norm_final_attn                | 1e-5 |
+    | output_upscaling LayerNorm2d                | 1e-6 | upscale_layer_norm                   | 1e-6 |
+    | HQ compress_vit_feat / embedding_encoder /  | 1e-6 | compress_vit_norm / encoder_norm /   | 1e-6 |
+    |   embedding_maskfeature LayerNorm2d         |      |   mask_norm                          |      |
+    | ViT blocks (build_sam: eps=1e-6), neck      | 1e-6 | vision layer_norm1/2, neck           | 1e-6 |
+    | prompt mask_downscaling LayerNorm2d (unused)| 1e-6 | mask_embed layer_norm1/2             | 1e-6 |
+
+    The test `tests/test_official.py` checks every norm against the official port in tests/.
+    """
+    transformer = model.mask_decoder.transformer
+    for layer in transformer.layers:
+        for name in ("layer_norm1", "layer_norm2", "layer_norm3", "layer_norm4"):
+            getattr(layer, name).eps = OFFICIAL_TWO_WAY_EPS
+    transformer.layer_norm_final_attn.eps = OFFICIAL_TWO_WAY_EPS  # already so in transformers 5.x; kept explicit
 
 
 @dataclass(frozen=True)
@@ -188,14 +217,30 @@ def _two_way_transformer(
 
 @torch.inference_mode()
 def decode(
-    model, picture: PictureFeatures, positions: torch.Tensor, points: torch.Tensor, labels: torch.Tensor
+    model,
+    picture: PictureFeatures,
+    positions: torch.Tensor,
+    points: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    boxes: torch.Tensor | None = None,
 ) -> DecoderOutput:
-    """Decode N objects at once. `points` (N, P, 2) in the model's 1024 frame, `labels` (N, P);
-    `positions` from `positional_tokens(model)`."""
+    """Decode N objects of one token layout at once. `points` (N, P, 2) with `labels` (N, P), and/or
+    `boxes` (N, 4) as x0, y0, x1, y1, all in the model's 1024 frame; `positions` from
+    `positional_tokens(model)`.
+
+    The prompt encoder is official SAM's: points then the box's two corners (labels 2 and 3);
+    one "not a point" pad token after the points when there is no box. Objects of different
+    layouts must not share a call (padding one to another's length changes its mask): see
+    `prompts.Prompt.layout_groups`."""
+    if points is None and boxes is None:
+        raise ValueError("decode needs points, boxes or both")
     decoder = model.mask_decoder
-    n_objects = points.shape[0]
+    n_objects = (points if points is not None else boxes).shape[0]
     sparse, _ = model.prompt_encoder(
-        input_points=points.unsqueeze(0), input_labels=labels.unsqueeze(0), input_boxes=None, input_masks=None
+        input_points=points.unsqueeze(0) if points is not None else None,
+        input_labels=labels.unsqueeze(0) if labels is not None else None,
+        input_boxes=boxes.unsqueeze(0) if boxes is not None else None,
+        input_masks=None,
     )
     hq = picture.hq_features is not None
     tokens = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hq_token.weight] if hq else [])

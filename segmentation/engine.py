@@ -29,12 +29,16 @@ from .errors import InvalidPromptError, ModelUnavailableError, ResourceExhausted
 from .images import DEFAULT_MAX_PIXELS, ImageInput, encoded_digest, load_image, pixel_hash
 from .masks import compose_label_map, object_stats, to_numpy_labels
 from .models import LoadedModel, half_precision_candidate, load_model, parse_dtype, resolve_device
-from .prompts import Prompt, padded_arrays, parse_prompt, to_model_coordinates
+from .prompts import Prompt, layout_arrays, parse_prompt, to_model_coordinates
 
 log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 3
 MiB = 1024 * 1024
+# Objects per decoder call. Each object in flight holds its refined embedding and upscaled mask
+# features (about 40 MB at ViT-B sizes in float32); chunks of 8 keep a 255-object decode a few
+# hundred MB above idle on a CPU (docs/PERFORMANCE.md) while a click's few objects still run as one call.
+MAX_DECODE_BATCH = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,28 +310,32 @@ class Segmenter:
 
     # ---- prompts --------------------------------------------------------------------------
 
-    def parse(self, embedding: Embedding, points: Any, labels: Any = None, **limits: int) -> Prompt:
-        return parse_prompt(points, labels, width=embedding.width, height=embedding.height, **limits)
+    def parse(self, embedding: Embedding, points: Any, labels: Any = None, boxes: Any = None, **limits: int) -> Prompt:
+        """Validate points (objects → points → [x, y]), labels and boxes (one [x0, y0, x1, y1] or None per
+        object) against this picture's size."""
+        return parse_prompt(points, labels, boxes, width=embedding.width, height=embedding.height, **limits)
 
     def segment(
         self,
         embedding: Embedding,
         prompt: Prompt | Sequence,
         labels: Any = None,
+        boxes: Any = None,
         *,
         candidates: int = 1,
         hq_token_only: bool = False,
         choices: Sequence[Sequence[int]] | None = None,
     ) -> Segmentation:
-        """Decode every object of `prompt` in one batched call and compose `candidates` label maps.
+        """Decode every object of `prompt` (batched, see `decode`) and compose `candidates` label maps.
 
-        `prompt` is a Prompt or nested lists `[[[x, y], ...], ...]` (then `labels` may give 1/0 per point).
+        `prompt` is a Prompt or nested lists `[[[x, y], ...], ...]` (then `labels` may give 1/0 per point
+        and `boxes` one `[x0, y0, x1, y1]` or None per object).
         The i-th map uses each object's i-th ranked candidate; `choices` instead lists, per map, the
         candidate (0-2) of each object, e.g. the UI's "object 2 takes its second candidate".
         """
         if not isinstance(prompt, Prompt):
             self._check_model(embedding)
-            prompt = self.parse(embedding, prompt, labels)
+            prompt = self.parse(embedding, prompt, labels, boxes)
         plans = self._candidate_plans(len(prompt), candidates, choices)  # bad options fail before the decode
         decoded = self.decode(embedding, prompt, hq_token_only=hq_token_only)
         segmentation = self._compose(embedding, decoded, plans)
@@ -338,11 +346,17 @@ class Segmenter:
         embedding: Embedding,
         prompt: Prompt | Sequence,
         labels: Any = None,
+        boxes: Any = None,
         *,
         hq_token_only: bool = False,
         reuse: Decoded | None = None,
+        max_batch: int = MAX_DECODE_BATCH,
     ) -> Decoded:
         """Run the prompt decoder: every object's ranked candidates, kept on the model's device.
+
+        Each object gets the mask official SAM-HQ gives it alone: objects are decoded in groups of
+        the same token layout (point count, box or not), never padded to each other, at most
+        `max_batch` objects per decoder call, and put back in the prompt's order.
 
         Keep the result to compose other choices of candidates (`compose`) without decoding again;
         pass it back as `reuse` and it is returned as is when it answers the same prompt on the same
@@ -350,29 +364,60 @@ class Segmenter:
         """
         self._check_model(embedding)
         if not isinstance(prompt, Prompt):
-            prompt = self.parse(embedding, prompt, labels)
+            prompt = self.parse(embedding, prompt, labels, boxes)
         hq_token_only = bool(hq_token_only and self.hq)
         if reuse is not None and reuse.is_for(embedding.key, prompt, hq_token_only):
             return reuse
         start = time.perf_counter()
-        points, point_labels = padded_arrays(prompt)
-        model_points = to_model_coordinates(points, embedding.original_size, embedding.resized_size)
-        points_t = torch.as_tensor(model_points, dtype=self.dtype, device=self.device)
-        labels_t = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
-        ambiguous = torch.tensor([obj.ambiguous for obj in prompt.objects], device=self.device)
         with self._out_of_memory_guard("segmenting"):
-            output = dec.decode(self.model, embedding.features, self._positions, points_t, labels_t)
-            ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)
-            scores = ranked.scores.float().cpu().numpy()  # also waits for the device to finish the decode
+            logits, scores, counts = self._decode_groups(embedding, prompt, hq_token_only, max_batch)
+            host_scores = scores.float().cpu().numpy()  # also waits for the device to finish the decode
         return Decoded(
             embedding_key=embedding.key,
             prompt=prompt,
             hq_token_only=hq_token_only,
-            logits=ranked.logits,
-            scores=scores,
-            counts=tuple(ranked.counts.tolist()),
+            logits=logits,
+            scores=host_scores,
+            counts=tuple(counts.tolist()),
             timings={"decoder": time.perf_counter() - start},
         )
+
+    def _decode_groups(
+        self, embedding: Embedding, prompt: Prompt, hq_token_only: bool, max_batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (N, 3, h, w), scores (N, 3), counts (N,)) in the prompt's order, decoded layout group by
+        layout group, `max_batch` objects at a time."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        n_objects = len(prompt)
+        logits = scores = None
+        counts = torch.empty(n_objects, dtype=torch.int64, device=self.device)
+        sizes = (embedding.original_size, embedding.resized_size)
+        for group in prompt.layout_groups():
+            for first in range(0, len(group), max_batch):
+                rows = group[first : first + max_batch]
+                points, labels, boxes = layout_arrays([prompt.objects[i] for i in rows])
+                points_t = labels_t = boxes_t = None
+                if points is not None:
+                    points_t = torch.as_tensor(
+                        to_model_coordinates(points, *sizes), dtype=self.dtype, device=self.device
+                    )
+                    labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
+                if boxes is not None:
+                    corners = to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4)
+                    boxes_t = torch.as_tensor(corners, dtype=self.dtype, device=self.device)
+                output = dec.decode(self.model, embedding.features, self._positions, points_t, labels_t, boxes_t)
+                ambiguous = torch.full((len(rows),), prompt.objects[rows[0]].ambiguous, device=self.device)
+                ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)
+                if logits is None:
+                    logits = ranked.logits.new_empty((n_objects, *ranked.logits.shape[1:]))
+                    scores = ranked.scores.new_empty((n_objects, *ranked.scores.shape[1:]))
+                index = torch.as_tensor(rows, device=self.device)
+                logits[index] = ranked.logits
+                scores[index] = ranked.scores
+                counts[index] = ranked.counts
+                del output, ranked  # the next chunk reuses the memory
+        return logits, scores, counts
 
     def compose(
         self,
@@ -436,9 +481,11 @@ class Segmenter:
             raise InvalidPromptError("candidate indexes in choices must be 0, 1 or 2.", param="choices")
         return plans
 
-    def segment_image(self, image: ImageInput, points: Sequence, labels: Any = None, **options: Any) -> Segmentation:
+    def segment_image(
+        self, image: ImageInput, points: Sequence, labels: Any = None, boxes: Any = None, **options: Any
+    ) -> Segmentation:
         """Embed (cached) and segment in one call, for notebooks and scripts."""
-        return self.segment(self.embed(image), points, labels, **options)
+        return self.segment(self.embed(image), points, labels, boxes, **options)
 
     # ---- precision ------------------------------------------------------------------------
 

@@ -83,10 +83,32 @@ def objects_document(
     return {"model": model, "width": width, "height": height, "objects": items}
 
 
-def api_snippets(base_url: str, model: str, points: list, labels: list, image_name: str = "picture.jpg") -> str:
-    """Python for our client and for the AI Refinery SDK, with this prompt filled in."""
+def api_snippets(
+    base_url: str,
+    model: str,
+    points: list,
+    labels: list,
+    image_name: str = "picture.jpg",
+    *,
+    hq_token_only: bool = False,
+    candidate: int = 0,
+) -> str:
+    """Python for our client and for the AI Refinery SDK, with this prompt and every setting filled in.
+
+    `candidate` is the ranked candidate every object takes (the API's i-th map): the call asks for
+    `n = candidate + 1` maps and reads the last, so it reproduces exactly the map shown.
+    """
     prompt = json.dumps(points)
     point_labels = json.dumps(labels)
+    options = ""
+    if hq_token_only:
+        options += "\n        hq_token_only=True,"
+    if candidate:
+        options += f"\n        n={candidate + 1},"
+    sdk_extra = ""
+    if hq_token_only or candidate:
+        extra = {**({"hq_token_only": True} if hq_token_only else {}), **({"n": candidate + 1} if candidate else {})}
+        sdk_extra = f"\n    extra_body={json.dumps(extra).replace('true', 'True')},"
     return f'''# Our client (pip install httpx pydantic numpy pillow; this repository's segmentation/client.py)
 from segmentation.client import SegmentationClient
 
@@ -95,9 +117,9 @@ with SegmentationClient("{base_url}") as client:   # api_key="..." if the server
         image="{image_name}",
         segment_prompt={prompt},
         point_labels={point_labels},
-        model="{model}",
+        model="{model}",{options}
     )
-labels = response.data[0].to_array()   # H×W label map: 0 background, k = k-th object
+labels = response.data[{candidate}].to_array()   # H×W label map: 0 background, k = k-th object
 
 # The AI Refinery SDK, unmodified (pip install airefinery-sdk; Python >= 3.12)
 import base64
@@ -110,6 +132,6 @@ response = client.images.segment(
     image=image,
     segment_prompt={prompt},
     model="{model}",
-    point_labels={point_labels},
+    point_labels={point_labels},{sdk_extra}
 )
 '''

@@ -3,11 +3,11 @@
 * API keys: with keys configured, every programmatic route that segments (`/v1/*`,
   `/authentication/*`, Gradio's HTTP API `/gradio_api/call|run|api/...`) answers 401 to a
   request without a valid bearer key, from its headers alone: the body is never read.
-* Body caps on every route, from `segmentation.limits`: `max_upload_bytes` for Gradio's upload
-  route, `max_body_bytes` everywhere else. A larger `Content-Length` is a 413 at once; a body that
+* A body cap on every route (the page's and Gradio's too), `max_body_bytes` from
+  `segmentation.limits`. A larger `Content-Length` is a 413 at once; a body that
   streams past the cap (chunked) is a 413 as soon as it does, and the rest is not read.
 
-The browser UI (its page, queue and events) stays reachable without a key: protect it with
+The page (its `/ui` routes) stays reachable without a key: protect it with
 Gradio's auth or a private Space (README).
 """
 
@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .limits import Limits
 
 KEYED_PREFIXES = ("/v1/", "/authentication/", "/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")
-UPLOAD_PATHS = ("/gradio_api/upload", "/gradio_api/upload/")
 
 
 def _error(status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None):
@@ -73,7 +72,7 @@ class RequestGuard:
                 {"WWW-Authenticate": "Bearer", "Connection": "close"},  # the unread body is never wanted
             )(send)
             return
-        cap = self.limits.max_upload_bytes if path in UPLOAD_PATHS else self.limits.max_body_bytes
+        cap = self.limits.max_body_bytes
         too_large = _error(
             413,
             f"The request body is larger than the {cap / 2**20:g} MiB limit.",

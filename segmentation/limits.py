@@ -4,8 +4,7 @@ The HTTP API (its router, so every deployment that reuses it), Gradio's `/segmen
 else that calls `service.segment` pass through these checks, and the ASGI guard
 (`segmentation.guard`) takes its body caps from here. What a request costs:
 
-* its body: `max_body_bytes` on every route (Gradio's too), `max_upload_bytes` for a picture
-  uploaded to the UI;
+* its body: `max_body_bytes` on every route (the page's and Gradio's too);
 * its picture: `max_pixels`, read from the header before anything is decoded;
 * its prompt: `max_objects` objects of at most `max_points` points, `max_candidates` label maps;
 * its output: `size` within `max_pixels`;
@@ -41,7 +40,6 @@ class Limits:
     max_candidates: int = MAX_CANDIDATES
     max_work_mp: int = 1000
     max_body_bytes: int = 32 * MiB
-    max_upload_bytes: int = 50 * MiB
     max_user_chars: int = MAX_USER_CHARS
 
     @classmethod
@@ -52,7 +50,6 @@ class Limits:
             max_points=settings.max_points,
             max_work_mp=settings.max_work_mp,
             max_body_bytes=settings.max_body_mb * MiB,
-            max_upload_bytes=settings.max_upload_mb * MiB,
         )
 
     # ---- the parts of a request ------------------------------------------------------------

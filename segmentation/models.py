@@ -232,6 +232,9 @@ def load_model(name: str, device: str = "cpu", dtype=None) -> LoadedModel:
             "Delete the cached copy and download it again, or save it anew with save_pretrained.",
             param="model",
         ) from error
+    from .decoder import use_official_layer_norms
+
+    use_official_layer_norms(model)
     model.to(torch_device).eval()
     log.info("loaded %s on %s (%s)", name, torch_device, str(torch_dtype).replace("torch.", ""))
     return LoadedModel(spec=spec, model=model, processor=processor, device=torch_device, dtype=torch_dtype)

@@ -44,6 +44,11 @@ class SegmentationRequest(BaseModel):
     point_labels: list[list[StrictInt]] | None = Field(
         default=None, description="Same nesting as the points: 1 include, 0 exclude. Default: all 1."
     )
+    box_prompt: list[list[Coordinate] | None] | None = Field(
+        default=None,
+        description="One box [x0, y0, x1, y1] (pixels) or null per object of segment_prompt; "
+        "an object with a box may have an empty point list.",
+    )
     n: StrictInt = Field(default=1, description="How many candidate label maps to return, best first (1-3).")
     size: str | None = Field(
         default=None,
@@ -109,7 +114,7 @@ class Mask(BaseModel):
 class InputTokensDetails(BaseModel):
     image_tokens: int = Field(description="Cells of the image-embedding grid (64×64).")
     cached_tokens: int = Field(description="Image tokens served from the embedding cache (0 when the encoder ran).")
-    point_tokens: int = Field(description="Points in the prompt.")
+    point_tokens: int = Field(description="Prompt tokens: one per point, two per box (its corners).")
 
 
 class Usage(BaseModel):

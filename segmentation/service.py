@@ -228,6 +228,7 @@ def segment(
     image: Any,
     points: Any,
     labels: Any = None,
+    boxes: Any = None,
     model: str | None = None,
     candidates: int = 1,
     hq_token_only: bool = False,
@@ -243,7 +244,13 @@ def segment(
     segmenter = registry.get(model)
     width, height = upright_size(image, segmenter.max_pixels)
     prompt = parse_prompt(
-        points, labels, width=width, height=height, max_objects=limits.max_objects, max_points=limits.max_points
+        points,
+        labels,
+        boxes,
+        width=width,
+        height=height,
+        max_objects=limits.max_objects,
+        max_points=limits.max_points,
     )
     limits.check_work(len(prompt), candidates, width, height)
     try:
@@ -253,7 +260,7 @@ def segment(
         timings["embed"] = time.perf_counter() - start  # decode + encoder, or a cache lookup
         if (embedding.width, embedding.height) != (width, height):  # the header said otherwise: trust the pixels
             prompt = segmenter.parse(
-                embedding, points, labels, max_objects=limits.max_objects, max_points=limits.max_points
+                embedding, points, labels, boxes, max_objects=limits.max_objects, max_points=limits.max_points
             )
         return _run(segmenter, embedding, cached, prompt, timings, candidates, hq_token_only, size)
     except ResourceExhaustedError:  # the engine has shed the cache already

@@ -42,7 +42,6 @@ class Settings:
     max_points: int = 64  # SAMHQ_MAX_POINTS: per object
     max_work_mp: int = 1000  # SAMHQ_MAX_WORK_MP: objects × candidates × composed megapixels per request
     max_body_mb: int = 32  # SAMHQ_MAX_BODY_MB: HTTP request body, every route (Gradio's included)
-    max_upload_mb: int = 50  # SAMHQ_MAX_UPLOAD_MB: a picture uploaded to the UI (/gradio_api/upload)
     max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
@@ -71,7 +70,6 @@ class Settings:
             max_points=_env_int("SAMHQ_MAX_POINTS", 64),
             max_work_mp=_env_int("SAMHQ_MAX_WORK_MP", 1000),
             max_body_mb=_env_int("SAMHQ_MAX_BODY_MB", 32),
-            max_upload_mb=_env_int("SAMHQ_MAX_UPLOAD_MB", 50),
             max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
             preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),

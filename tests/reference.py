@@ -1,4 +1,9 @@
-"""Independent references computed with transformers directly (no engine code).
+"""A second reference, computed with transformers' own full forward (no engine code).
+
+The first reference is the port of the official code (tests/official_reference.py): it says
+what each object's mask must be. This one checks the other claim of `segmentation/decoder.py`,
+that splitting the decoder into a per-picture and a per-click part changes nothing but the
+grouping: one object through transformers' uncached forward, with one step corrected.
 
 transformers 5.x's `SamHQMaskDecoder.forward` builds masks from the image embedding it fed
 *into* the two-way transformer (then `.transpose(2, 3)`), where the official SAM-HQ uses the
@@ -48,13 +53,14 @@ def corrected_hq_decoder(model):
         decoder.transformer = original
 
 
-def reference_object_logits(model, processor, rgb, points, labels, pad_to: int, hq_token_only=False):
-    """One object through transformers' full forward (pixel_values, no cache).
+def reference_object_logits(model, processor, rgb, points, labels, hq_token_only=False):
+    """One object, alone, through transformers' full forward (pixel_values, no cache). The model's
+    norms are as loaded (`models.load_model` gives them the official epsilon).
 
     Returns (logits at the picture's size (K, H, W), scores (K,)) for its ranked candidates.
     """
-    points = [list(map(float, p)) for p in points] + [[0.0, 0.0]] * (pad_to - len(points))
-    labels = list(labels) + [PAD] * (pad_to - len(labels))
+    points = [list(map(float, p)) for p in points]
+    labels = list(labels)
     inputs = processor(images=rgb, input_points=[[points]], input_labels=[[labels]], return_tensors="pt")
     multimask = sum(1 for label in labels if label != PAD) == 1
     with (

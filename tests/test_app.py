@@ -1,238 +1,286 @@
-"""UI event handlers in Python: state transitions, sessions, candidates, stale results, errors, exports."""
+"""The page from the outside: its typed session state, its JSON routes over raw HTTP against a live
+server, Gradio's own queue protocol as a stranger would speak it, and the bounds on sessions and disk."""
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import pickle
-import threading
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
-import gradio as gr
-import numpy as np
+import httpx
 import pytest
 from conftest import HQ_ID, make_picture
+from live_server import LiveServer
 from PIL import Image
 
 import app
 from segmentation.masks import decode_png
-from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
+from ui import state as st
+
+
+def png_bytes(width=320, height=200, seed=4) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(make_picture(width, height, seed=seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def build(**changes):
+    return app.build_app(Settings(model=HQ_ID, preload_examples=False, device="cpu", **changes))
 
 
 @pytest.fixture(scope="module")
-def ui():
-    settings = Settings(model=HQ_ID, preload_examples=False, device="cpu")
-    return app.SegmentationUI(ModelRegistry(settings), settings)
+def server():
+    with LiveServer(build()) as live:
+        yield live
 
 
 @pytest.fixture
-def loaded(ui, tmp_path):
-    path = tmp_path / "p.png"
-    Image.fromarray(make_picture(320, 200, seed=4)).save(path)
-    outputs = ui.load_picture(str(path), app.new_state(HQ_ID), progress=lambda *a, **k: None)
-    return outputs[-2]
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
 
 
-def click(ui, state, x, y, mode=app.INCLUDE):
-    return ui.click(state, mode, False, 0.5, SimpleNamespace(index=[x, y]))
+def open_session(http, picture: bytes | None = None) -> tuple[str, dict]:
+    sid = http.post("/ui/session").json()["session"]
+    view = None
+    if picture is not None:
+        response = http.post(f"/ui/session/{sid}/picture", content=picture, headers={"X-Filename": "p.png"})
+        assert response.status_code == 200, response.text
+        view = op(http, sid, op="embed")
+    return sid, view
 
 
-def test_state_transitions():
-    state = app.new_state("m")
-    app.add_point(state, 1, 2, True)
-    app.add_point(state, 3, 4, False)
-    assert state["objects"][0] == {"points": [[1, 2], [3, 4]], "labels": [1, 0], "choice": 0}
-    app.start_new_object(state)
-    assert state["active"] == 1 and len(state["objects"]) == 2
-    app.start_new_object(state)  # the active object is still empty: no pile of empty objects
-    assert len(state["objects"]) == 2
-    app.add_point(state, 5, 6, True)
-    app.select_object(state, "Object 1")
-    assert state["active"] == 0
-    app.undo_point(state)
-    assert state["objects"][0]["points"] == [[1, 2]]
-    app.clear_object(state)
-    assert state["objects"][0]["points"] == [] and state["objects"][1]["points"] == [[5, 6]]
-    app.select_object(state, "Object 2")
-    app.choose_candidate(state, 2)
-    assert state["objects"][1]["choice"] == 2
-    app.add_point(state, 7, 8, True)
-    assert state["objects"][1]["choice"] == 0, "a new point resets the chosen candidate"
-    app.clear_all(state)
-    assert state["objects"] == [{"points": [], "labels": [], "choice": 0}] and state["active"] == 0
+def op(http, sid, **body) -> dict:
+    response = http.post(f"/ui/session/{sid}/op", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
-def test_undo_on_an_empty_new_object_returns_to_the_previous_one():
-    state = app.new_state("m")
-    app.add_point(state, 1, 1, True)
-    app.start_new_object(state)
-    app.undo_point(state)
-    assert len(state["objects"]) == 1 and state["active"] == 0
+# ---- the typed state ----------------------------------------------------------------------------
 
 
-def test_load_picture_embeds_at_once(ui, loaded):
-    assert loaded["key"] and loaded["rgb"].shape == (200, 320, 3)
-    assert ui.registry.get().cached(loaded["key"]) is not None
+def test_edits_are_plain_functions_of_the_state_and_never_renumber():
+    session = st.Session(id="s", model="m")
+    st.add_point(session, 1, 2, True)
+    st.new_object(session)
+    st.new_object(session)  # the active object is still empty: reused
+    st.add_point(session, 3, 4, False)
+    st.new_object(session)
+    st.add_point(session, 5, 6, True)
+    assert [o.number for o in session.objects] == [1, 2, 3] and session.active == 2
+    st.undo_point(session)
+    st.undo_point(session)  # nothing left in Object 3: nothing else changes
+    assert [o.number for o in session.objects] == [1, 2, 3] and session.objects[1].points == [[3, 4]]
+    st.redo_point(session)
+    assert session.objects[2].points == [[5, 6]]
+    st.select_object(session, 2)
+    st.delete_object(session)
+    assert [o.number for o in session.objects] == [1, 3], "the others keep their numbers"
+    rev = session.rev
+    st.choose_candidate(session, 2)
+    assert session.active_object.choice == 2 and session.rev == rev + 1
+    st.add_point(session, 7, 8, True)
+    assert session.active_object.choice == 0 and not session.active_object.redo
+    assert session.objects[0].box is None, "room for the engine's box prompts"
+    st.clear_all(session)
+    assert [o.number for o in session.objects] == [1] and not session.prompted()
+    assert len(pickle.dumps(session)) < 2000, "keys and prompts only"
 
 
-def test_clicks_segment_two_objects_with_the_engine_label_map(ui, loaded):
-    outputs = click(ui, loaded, 96, 80)
-    canvas, overlay, mask, cut, legend, gallery, selector, state, status = outputs
-    assert overlay.shape == (200, 320, 3) and cut.shape == (200, 320, 4)
-    assert len(gallery) == 3, "a single-point object offers three candidates"
-    assert "1 object(s)" in status and "cached" in status
-    app.start_new_object(state)
-    outputs = click(ui, state, 224, 120, app.EXCLUDE)
-    state = outputs[-2]
-    assert state["objects"][1]["labels"] == [0]
-    labels = state["result"]["map"].labels
-    segmenter = ui.registry.get()
-    expected = segmenter.segment(
-        segmenter.embed(make_picture(320, 200, seed=4)), [[[96, 80]], [[224, 120]]], [[1], [0]]
+# ---- the routes ----------------------------------------------------------------------------------
+
+
+def test_a_click_answers_one_preview_sized_map_and_downloads_are_the_apis(http):
+    picture = png_bytes(2000, 1250, seed=3)
+    sid, view = open_session(http, picture)
+    assert view["picture"]["preview"] == [1024, 640] and view["picture"]["embedded"]
+    view = op(http, sid, op="click", x=600, y=500)
+    labels = decode_png(__import__("base64").b64decode(view["map"]))
+    assert labels.shape == (640, 1024), "per click, a preview-sized map only"
+    assert len(view["thumbnails"]) == 3, "a one-point object offers its candidates"
+    view = op(http, sid, op="choose", candidate=1)
+    assert view["objects"][0]["candidate"] == 1
+    view = op(http, sid, op="settings", hq_only=True)
+    mask = http.get(f"/ui/session/{sid}/download/{view['rev']}/mask.png")
+    assert mask.status_code == 200
+    api = http.post(
+        "/v1/images/segmentations",
+        json={
+            "model": HQ_ID,
+            "image_prompt": __import__("base64").b64encode(picture).decode(),
+            "segment_prompt": [[[600, 500]]],
+            "n": 2,
+            "hq_token_only": True,
+        },
+    ).json()
+    assert __import__("base64").b64decode(api["data"][1]["b64_json"]) == mask.content
+    snippet = http.get(f"/ui/session/{sid}/download/{view['rev']}/snippet.py").text
+    assert "hq_token_only=True" in snippet and "n=2" in snippet and "response.data[1]" in snippet
+    stale = http.get(f"/ui/session/{sid}/download/{view['rev'] - 1}/mask.png")
+    assert stale.status_code == 409 and "earlier prompt" in stale.json()["error"]["message"]
+    objects = http.get(f"/ui/session/{sid}/download/{view['rev']}/objects.json").json()
+    assert objects["width"] == 2000 and objects["objects"][0]["rle"]["size"] == [1250, 2000]
+
+
+def test_pictures_pass_the_apis_limits_and_errors_read_well(http, tmp_path):
+    sid, _ = open_session(http)
+    bad = http.post(f"/ui/session/{sid}/picture", content=b"not a picture at all")
+    assert bad.status_code == 400 and "/tmp" not in bad.text
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, "PNG", optimize=True)
+    refused = http.post(f"/ui/session/{sid}/picture", content=bomb.getvalue())
+    assert refused.status_code == 400 and "megapixel" in refused.json()["error"]["message"]
+    assert op_error(http, sid, op="click", x=1, y=1) == 400  # no picture yet
+    sid, _ = open_session(http, png_bytes())
+    for i in range(64):
+        op(http, sid, op="click", x=i, y=i)
+    assert op_error(http, sid, op="click", x=1, y=1) == 400, "the API's point limit holds"
+    assert http.post(f"/ui/session/{sid}/op", content=b"x" * 5000).status_code == 413
+    assert http.post("/ui/session/nope/op", json={"op": "undo"}).status_code == 404
+    assert http.post(f"/ui/session/{sid}/picture?example=99").status_code == 400
+
+
+def op_error(http, sid, **body) -> int:
+    return http.post(f"/ui/session/{sid}/op", json=body).status_code
+
+
+def test_examples_load_by_index_never_by_path(http):
+    sid, _ = open_session(http)
+    view = http.post(f"/ui/session/{sid}/picture?example=1").json()
+    assert view["picture"]["name"] == "chelsea.jpg" and view["picture"]["width"] == 451
+    assert http.post(f"/ui/session/{sid}/picture?example=../../etc/passwd").status_code == 400
+
+
+# ---- issue 11 from a stranger's side --------------------------------------------------------------
+
+
+def queue_call(client: httpx.Client, api_name: str, data: list, timeout: float = 10.0) -> dict:
+    """Gradio's own queue protocol: join, then read the session's server-sent events to completion."""
+    config = client.get("/config").json()
+    fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+    session = "stranger" + str(time.monotonic_ns())
+    joined = client.post(
+        "/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session, "event_data": None}
     )
-    np.testing.assert_array_equal(labels, expected.best.labels)
-    assert "Object 2 (active)" in outputs[4]
+    assert joined.status_code == 200, joined.text
+    with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}, timeout=timeout) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the event never completed")
 
 
-def test_choosing_a_candidate_changes_only_the_active_object(ui, loaded):
-    state = click(ui, loaded, 96, 80)[-2]
-    app.start_new_object(state)
-    state = click(ui, state, 224, 120)[-2]
-    app.select_object(state, "Object 1")
-    outputs = ui.choose(state, False, 0.5, SimpleNamespace(index=2))
-    state = outputs[-2]
-    assert [o.candidate for o in state["result"]["map"].objects] == [2, 0]
-    assert "3 of 3" in outputs[4]
+@pytest.mark.parametrize("path", ["/dev/zero", "outside.png"])
+def test_a_gradio_event_naming_a_server_file_is_refused_at_once(server, tmp_path, path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(40, 30))
+    target = str(outside) if path == "outside.png" else path
+    crafted = {"path": target, "meta": {"_type": "gradio.FileData"}, "orig_name": "x.png"}
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        started = time.monotonic()
+        message = queue_call(client, "segment", [crafted, [[[1, 1]]], None, "", 1])
+        assert time.monotonic() - started < 5
+        assert message["success"] is False and "not uploaded here" in json.dumps(message)
+        started = time.monotonic()
+        assert client.get("/v1/models").status_code == 200 and time.monotonic() - started < 1
+        served = client.get(f"/gradio_api/file={target}")
+        assert served.status_code != 200 or served.content != outside.read_bytes()
+        for cached in Path(__import__("gradio").utils.get_upload_folder()).rglob("outside.png"):
+            pytest.fail(f"the file was copied into Gradio's cache: {cached}")
 
 
-def test_the_same_prompt_is_never_decoded_twice(ui, loaded, monkeypatch):
-    from segmentation import decoder
+def test_with_api_keys_gradio_exposes_no_segment_endpoint():
+    from fastapi.testclient import TestClient
 
-    state = click(ui, loaded, 96, 80)[-2]
-    app.start_new_object(state)
-    state = click(ui, state, 224, 120)[-2]
-    decodes = []
-    original = decoder.decode
-    monkeypatch.setattr(decoder, "decode", lambda *a, **k: decodes.append(1) or original(*a, **k))
-    app.select_object(state, "Object 1")
-    outputs = ui.choose(state, False, 0.5, SimpleNamespace(index=1))  # another candidate
-    outputs = ui.edit(lambda s: s)(outputs[-2], False, 0.8)  # another opacity
-    assert decodes == [] and "reused" in outputs[-1]
-    state = outputs[-2]
-    # the kept decode lives in host memory: no GPU memory per session, and the state pickles (ZeroGPU)
-    assert state["decoded"].logits.device.type == "cpu"
-    pickle.loads(pickle.dumps(state))
-    segmenter = ui.registry.get()
-    fresh = segmenter.segment(segmenter.cached(state["key"]), [[[96, 80]], [[224, 120]]], choices=[[1, 0]])
-    np.testing.assert_array_equal(state["result"]["map"].labels, fresh.best.labels)
-    decodes.clear()
-    ui.edit(lambda s: s)(state, True, 0.8)  # HQ token only: a different decode
-    assert len(decodes) == 1
+    with TestClient(build()) as client:
+        assert "/segment" in client.get("/gradio_api/info").json()["named_endpoints"]
+    with TestClient(build(api_keys=("k",))) as client:
+        assert "/segment" not in client.get("/gradio_api/info").json()["named_endpoints"]
+        assert client.get("/").status_code == 200
 
 
-def test_sessions_are_independent(ui, tmp_path):
-    path = tmp_path / "q.png"
-    Image.fromarray(make_picture(160, 100, seed=8)).save(path)
-    first = ui.load_picture(str(path), app.new_state(HQ_ID), progress=lambda *a, **k: None)[-2]
-    second = ui.load_picture(str(path), app.new_state(HQ_ID), progress=lambda *a, **k: None)[-2]
-    click(ui, first, 10, 10)
-    assert second["objects"][0]["points"] == []
-    assert app.new_state(HQ_ID)["objects"][0]["points"] == []
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 
 
-def test_stale_results_never_overwrite_a_newer_click(ui, loaded, monkeypatch):
-    original = ui._render
-    gate = threading.Event()
-
-    def slow_first(state, hq, opacity):
-        if not gate.is_set():
-            gate.set()
-            time.sleep(0.5)
-        return original(state, hq, opacity)
-
-    monkeypatch.setattr(ui, "_render", slow_first)
-    results = {}
-    first = threading.Thread(target=lambda: results.setdefault("first", click(ui, loaded, 40, 40)))
-    first.start()
-    gate.wait(5)
-    results["second"] = click(ui, loaded, 100, 100)
-    first.join()
-    skip = gr.skip()
-    assert all(output == skip for output in results["first"]), "the older click's result is dropped"
-    assert results["second"][-2] is loaded and results["second"][1] is not None
-
-
-def test_click_without_a_picture_is_a_readable_error(ui):
-    with pytest.raises(gr.Error, match="Upload a picture first"):
-        click(ui, app.new_state(HQ_ID), 1, 1)
-
-
-def test_bad_upload_and_unloadable_model_are_readable_errors(ui, tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not a picture at all")
-    with pytest.raises(gr.Error, match="not a picture"):
-        ui.load_picture(str(bad), app.new_state(HQ_ID), progress=lambda *a, **k: None)
-    settings = Settings(model="syscv-community/sam-hq-vit-large", preload_examples=False, device="cpu")
-    offline = app.SegmentationUI(ModelRegistry(settings), settings)
-    with pytest.raises(gr.Error, match="could not be loaded"):
-        offline.load_picture(str(bad), app.new_state(settings.model), progress=lambda *a, **k: None)
-    assert "unavailable" in offline.startup_status()
+def test_sessions_hold_no_pixels_expire_and_keep_disk_bounded(monkeypatch):
+    monkeypatch.setenv("SAMHQ_UI_SESSIONS", "5")
+    monkeypatch.setenv("SAMHQ_UI_SESSION_TTL", "3600")
+    application = build()
+    store = application.state.page.store
+    picture = png_bytes(2400, 1600, seed=9)  # 3.8 MP: the old state kept ~60 MB of it per session
+    with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+        open_session(http, picture)  # warm: the embedding is cached once for all
+        gc.collect()
+        before = _rss()
+        sids = []
+        for _ in range(20):
+            sid, _ = open_session(http, picture)
+            op(http, sid, op="click", x=100, y=100)
+            http.get(f"/ui/session/{sid}/download/{op(http, sid, op='undo')['rev']}/mask.png")
+            sids.append(sid)
+        gc.collect()
+        grown = _rss() - before
+        assert len(store) <= 5 and len(list(store.root.iterdir())) <= 5, "a capacity, with the folders"
+        assert grown < 200 * 2**20, f"20 sessions on a 3.8 MP picture grew RSS by {grown / 2**20:.0f} MiB"
+        entry = store.get(sids[-1])
+        assert entry is not None and len(pickle.dumps(entry.session)) < 4000
+        assert entry.decoded is None or entry.decoded.logits.nelement() * 4 <= 4 * 2**20
+        assert http.post(f"/ui/session/{sids[0]}/op", json={"op": "undo"}).status_code == 404
+        http.delete(f"/ui/session/{sids[-1]}")
+        assert not entry.folder.exists(), "a closed session's folder and downloads go with it"
+        store.ttl = 0.0
+        store.get("anything")  # any visit expires idle sessions
+        assert len(store) == 0 and not any(store.root.iterdir())
 
 
-def test_export_writes_the_api_bytes_rle_polygons_and_snippet(ui, loaded):
-    state = click(ui, loaded, 96, 80)[-2]
-    with pytest.raises(gr.Error, match="Nothing to export"):
-        ui.export(app.new_state(HQ_ID))
-    mask_path, objects_path, response_path, snippet = ui.export(state)
-    labels = decode_png(open(mask_path, "rb").read())
-    np.testing.assert_array_equal(labels, state["result"]["map"].labels)
-    objects = json.load(open(objects_path))
-    assert objects["width"] == 320 and objects["objects"][0]["rle"]["size"] == [200, 320]
-    response = json.load(open(response_path))
-    assert set(response) == {"created", "data", "usage"} and response["data"][0]["segments"][0]["value"] == 1
-    assert "images.segment(" in snippet and "[[[96.0, 80.0]]]" in snippet
+def test_gradio_uploads_are_closed_and_its_cache_is_cleaned(monkeypatch):
+    import gradio
+
+    monkeypatch.setenv("SAMHQ_UI_CACHE_AGE", "2")
+    application = build()
+    with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+        before = set(Path(gradio.utils.get_upload_folder()).rglob("*"))
+        for path in ("/gradio_api/upload", "/gradio_api/upload/"):
+            refused = http.post(path, files={"files": ("a.png", png_bytes(20, 20))})
+            assert refused.status_code == 403, refused.text
+        assert set(Path(gradio.utils.get_upload_folder()).rglob("*")) <= before, "nothing was stored"
+    blocks = next(route.app for route in application.routes if hasattr(route, "app") and hasattr(route.app, "blocks"))
+    assert blocks.get_blocks().delete_cache == (1, 2), "what Gradio does store is deleted after SAMHQ_UI_CACHE_AGE"
 
 
-def test_the_use_via_api_endpoint(ui):
-    from api_fixtures import png_b64
+def test_the_offline_banner_names_the_model_and_the_fix():
+    from fastapi.testclient import TestClient
 
-    payload = ui.api_segment(png_b64(), [[[10, 10]], [[100, 50]]], None, "", 2)
-    assert len(payload["data"]) == 2
-    with pytest.raises(gr.Error, match="outside"):
-        ui.api_segment(png_b64(), [[[1000, 10]]])
+    missing = "syscv-community/sam-hq-vit-large"
+    application = app.build_app(Settings(model=missing, preload_examples=False, device="cpu"))
+    with TestClient(application) as client:
+        sid = client.post("/ui/session").json()["session"]
+        started = time.monotonic()
+        first = client.post(f"/ui/session/{sid}/picture?example=0")
+        assert first.status_code == 503 and first.json()["banner"]["model"] == missing
+        second = client.post(f"/ui/session/{sid}/picture?example=0")
+        assert second.status_code == 503 and time.monotonic() - started < 10
+        config = client.post("/ui/session").json()
+        assert f"hf download {missing}" in config["banner"]["fix"] and "HF_HUB_OFFLINE=1" in config["banner"]["fix"]
 
 
 def test_settings_from_flags_override_the_environment(monkeypatch):
     monkeypatch.setenv("SAMHQ_MODEL", "facebook/sam-vit-base")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
     monkeypatch.setenv("SAMHQ_THREADS", "8")
-    flags = [
-        "--model",
-        HQ_ID,
-        "--models",
-        "facebook/sam-vit-base",
-        "--cache-mb",
-        "64",
-        "--no-preload",
-        "--threads",
-        "1",
-    ]
-    settings = app.settings_from(app.parse_args(flags))
+    flags = ["--model", HQ_ID, "--models", "facebook/sam-vit-base", "--cache-mb", "64", "--no-preload"]
+    settings = app.settings_from(app.parse_args([*flags, "--threads", "1"]))
     assert settings.model == HQ_ID and settings.served_models == (HQ_ID, "facebook/sam-vit-base")
     assert settings.cache_mb == 64 and not settings.preload_examples and settings.threads == 1
     args = app.parse_args([])
     assert args.port == 7999 and args.host == "127.0.0.1"
-
-
-def test_app_serves_ui_and_api_on_one_port():
-    from fastapi.testclient import TestClient
-
-    settings = Settings(model=HQ_ID, preload_examples=False, device="cpu")
-    with TestClient(app.build_app(settings)) as client:
-        assert client.get("/").status_code == 200
-        assert client.get("/v1/models").json()["data"][0]["id"] == HQ_ID
-        assert "/segment" in client.get("/gradio_api/info").json()["named_endpoints"]
 
 
 def test_spaces_gpu_decorator_applies_only_on_zerogpu(monkeypatch):
@@ -251,31 +299,31 @@ def test_spaces_gpu_decorator_applies_only_on_zerogpu(monkeypatch):
     assert app._spaces_gpu(handler) == ("wrapped", handler)
 
 
-def test_a_decompression_bomb_upload_is_refused_before_decoding(ui, tmp_path):
-    bomb = tmp_path / "bomb.png"
-    Image.new("1", (30000, 30000)).save(bomb, optimize=True)
-    with pytest.raises(gr.Error, match="megapixel limit"):
-        ui.load_picture(str(bomb), app.new_state(HQ_ID), progress=lambda *a, **k: None)
+def test_the_use_via_api_function():
+    from api_fixtures import png_b64
+    from gradio import Error
+
+    from segmentation.service import ModelRegistry
+    from ui.page import api_segment_function
+
+    settings = Settings(model=HQ_ID, preload_examples=False, device="cpu")
+    segment = api_segment_function(ModelRegistry(settings))
+    assert len(segment(png_b64(), [[[10, 10]], [[100, 50]]], None, "", 2)["data"]) == 2
+    with pytest.raises(Error, match="outside"):
+        segment(png_b64(), [[[1000, 10]]])
 
 
-def test_the_canvas_hands_over_uploads_undecoded(ui):
-    demo = ui.build()
-    canvas = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "canvas")
-    assert canvas.type == "filepath" and canvas.image_mode is None
+def test_the_file_rule_resolves_links_and_refuses_devices_and_urls(tmp_path):
+    from ui.guard import allowed_file
 
-
-def test_changing_the_model_re_embeds_the_session_picture(tmp_path):
-    from conftest import SAM_ID
-
-    settings = Settings(model=HQ_ID, models=(HQ_ID, SAM_ID), preload_examples=False, device="cpu")
-    ui = app.SegmentationUI(ModelRegistry(settings), settings)
-    path = tmp_path / "m.png"
-    Image.fromarray(make_picture(120, 80, seed=6)).save(path)
-    state = ui.load_picture(str(path), app.new_state(HQ_ID), progress=lambda *a, **k: None)[-2]
-    hq_key = state["key"]
-    canvas, state, status = ui.change_model(SAM_ID, state, progress=lambda *a, **k: None)
-    assert state["model"] == SAM_ID and state["key"] != hq_key and SAM_ID in status
-    state = click(ui, state, 30, 30)[-2]
-    assert state["result"]["map"].labels.shape == (80, 120)
-    with pytest.raises(gr.Error, match="not served"):
-        ui.change_model("someone/else", state, progress=lambda *a, **k: None)
+    inside = tmp_path / "uploads"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(b"x")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"y")
+    (inside / "link.png").symlink_to(secret)
+    assert allowed_file(inside / "a.png", [inside])
+    assert not allowed_file(inside / "link.png", [inside]), "a link out of the folder is outside"
+    assert not allowed_file(str(inside / ".." / "secret.png"), [inside])
+    assert not allowed_file("/dev/zero", ["/dev"]), "only regular files"
+    assert not allowed_file("http://127.0.0.1/a.png", [inside]) and not allowed_file(inside, [inside])

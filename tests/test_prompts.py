@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from segmentation import InvalidPromptError
-from segmentation.prompts import PAD_LABEL, padded_arrays, parse_prompt, resized_shape, to_model_coordinates
+from segmentation.prompts import layout_arrays, parse_prompt, resized_shape, to_model_coordinates
 
 
-def parse(points, labels=None, **kw):
-    return parse_prompt(points, labels, width=kw.pop("width", 100), height=kw.pop("height", 50), **kw)
+def parse(points, labels=None, boxes=None, **kw):
+    return parse_prompt(points, labels, boxes, width=kw.pop("width", 100), height=kw.pop("height", 50), **kw)
 
 
 def test_valid_prompt_defaults_to_include():
@@ -66,10 +66,62 @@ def test_errors_are_value_errors_with_the_param():
     assert info.value.param == "point_labels"
 
 
-def test_padding_uses_not_a_point():
-    points, labels = padded_arrays(parse([[[1, 2]], [[3, 4], [5, 6], [7, 8]]], [[1], [1, 0, 1]]))
-    assert points.shape == (2, 3, 2)
-    np.testing.assert_array_equal(labels, [[1, PAD_LABEL, PAD_LABEL], [1, 0, 1]])
+def test_objects_group_by_token_layout_without_padding():
+    prompt = parse(
+        [[[1, 2]], [[3, 4], [5, 6], [7, 8]], [], [[9, 9]], [[1, 1]], [[2, 2], [3, 3], [4, 4]]],
+        [[1], [1, 0, 1], [], [0], [1], [1, 1, 1]],
+        [None, None, [0, 0, 10, 10], [5, 5, 20, 20], None, None],
+    )
+    assert prompt.layout_groups() == [[0, 4], [1, 5], [2], [3]]
+    assert [o.ambiguous for o in prompt.objects] == [True, False, False, False, True, False]
+    assert prompt.point_count == 1 + 3 + 2 + (1 + 2) + 1 + 3  # a box costs two tokens (its corners)
+    points, labels, boxes = layout_arrays([prompt.objects[i] for i in (1, 5)])
+    assert points.shape == (2, 3, 2) and boxes is None
+    np.testing.assert_array_equal(labels, [[1, 0, 1], [1, 1, 1]])  # no pad label: the prompt encoder adds one
+    points, labels, boxes = layout_arrays([prompt.objects[2]])
+    assert points is None and labels is None
+    np.testing.assert_array_equal(boxes, [[0, 0, 10, 10]])
+    with pytest.raises(ValueError, match="share one layout"):
+        layout_arrays(prompt.objects[:2])
+
+
+def test_boxes_parse_and_compare():
+    a = parse([[], [[1, 2]]], [[], [1]], [[0, 0, 100, 50], None])
+    b = parse([[], [[1, 2]]], None, [(0.0, 0.0, 100.0, 50.0), None])
+    assert a == b and a.objects[0].box == (0.0, 0.0, 100.0, 50.0) and a.objects[1].box is None
+    assert a != parse([[], [[1, 2]]], None, [[0, 0, 99, 50], None])  # a decode is reused only for the same box
+    assert parse([[[1, 2]]], None, np.array([[1.5, 2, 3, 4]])).objects[0].box == (1.5, 2.0, 3.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    "points, boxes, message",
+    [
+        ([[[1, 2]]], [None, None], r"box_prompt must have one box \(or null\) per object .*1 objects\), got 2 boxes"),
+        ([[[1, 2]]], "box", "box_prompt must have one box .*not a list"),
+        ([[[1, 2]]], [[1, 2, 3]], r"object 1: the box must be \[x0, y0, x1, y1\] or null, got 3 values"),
+        ([[[1, 2]]], [5], "the box must be .* got int"),
+        ([[[1, 2]]], [[10, 10, 5, 20]], "inverted or empty"),
+        ([[[1, 2]]], [[10, 10, 20, 10]], "inverted or empty"),
+        ([[[1, 2]]], [[-1, 0, 20, 10]], "outside the 100x50 picture"),
+        ([[[1, 2]]], [[0, 0, 101, 10]], "outside the 100x50 picture"),
+        ([[[1, 2]]], [[0, 0, 10, "a"]], "box coordinates must be numbers"),
+        ([[[1, 2]]], [[0, 0, True, 10]], "box coordinates must be numbers"),
+        ([[[1, 2]]], [[0, 0, math.inf, 10]], "box coordinates must be finite"),
+        ([[[1, 2]]], [[0, 0, math.nan, 10]], "box coordinates must be finite"),
+        ([[[1, 2]]], [[0, 0, 10**400, 10]], "box coordinates must be finite"),
+        ([[[1, 2]], []], [None, None], "object 2 has neither points nor a box"),
+    ],
+)
+def test_bad_boxes_name_the_problem(points, boxes, message):
+    with pytest.raises(InvalidPromptError, match=message) as info:
+        parse(points, None, boxes)
+    assert info.value.param == "box_prompt"
+
+
+def test_huge_integer_coordinates_are_invalid_prompts_not_overflow():
+    with pytest.raises(InvalidPromptError, match="finite") as info:
+        parse([[[10**400, 2]]])
+    assert info.value.param == "segment_prompt"
 
 
 @pytest.mark.parametrize("size", [(200, 320), (320, 200), (1, 5000), (1024, 1024), (999, 1001)])

@@ -20,6 +20,7 @@ json_scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(10**6), 10**6),
+    st.just(10**400),  # too large for a float
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=3),
 )
@@ -27,17 +28,46 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
 
 
 @settings(max_examples=300, deadline=None)
-@given(points=json_values, labels=st.one_of(st.none(), json_values))
-def test_any_json_prompt_parses_or_raises_invalid_prompt(points, labels):
+@given(points=json_values, labels=st.one_of(st.none(), json_values), boxes=st.one_of(st.none(), json_values))
+def test_any_json_prompt_parses_or_raises_invalid_prompt(points, labels, boxes):
     try:
-        prompt = parse_prompt(points, labels, width=50, height=40)
+        prompt = parse_prompt(points, labels, boxes, width=50, height=40)
     except InvalidPromptError as error:
-        assert error.message and error.param in ("segment_prompt", "point_labels")
+        assert error.message and error.param in ("segment_prompt", "point_labels", "box_prompt")
         return
     for obj in prompt.objects:
-        assert obj.points and len(obj.points) == len(obj.labels)
+        assert obj.points or obj.box is not None
+        assert len(obj.points) == len(obj.labels)
         for (x, y), label in zip(obj.points, obj.labels):
             assert 0 <= x < 50 and 0 <= y < 40 and math.isfinite(x) and label in (0, 1)
+        if obj.box is not None:
+            x0, y0, x1, y1 = obj.box
+            assert 0 <= x0 < x1 <= 50 and 0 <= y0 < y1 <= 40
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    objects=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 49), st.integers(0, 39)), max_size=3),
+            st.one_of(
+                st.none(), st.tuples(st.integers(0, 24), st.integers(0, 19), st.integers(25, 50), st.integers(20, 40))
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_layout_groups_partition_the_objects_by_token_layout(objects):
+    objects = [(pts, box) for pts, box in objects if pts or box is not None] or [([(1, 1)], None)]
+    prompt = parse_prompt(
+        [[list(p) for p in pts] for pts, _ in objects], None, [b for _, b in objects], width=50, height=40
+    )
+    groups = prompt.layout_groups()
+    assert sorted(i for g in groups for i in g) == list(range(len(objects)))
+    for group in groups:
+        assert len({prompt.objects[i].layout for i in group}) == 1 and group == sorted(group)
+    assert len({prompt.objects[g[0]].layout for g in groups}) == len(groups)
 
 
 @settings(max_examples=200, deadline=None)

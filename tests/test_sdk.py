@@ -35,6 +35,9 @@ SCRIPT = textwrap.dedent(
         image=image, segment_prompt=prompt, model=model, n=2, point_labels=[[1], [1, 0]], user="sdk-test"
     )
     assert isinstance(sync, SegmentationResponse)
+    box = AIRefinery(api_key=key, base_url=base_url).images.segment(
+        image=image, segment_prompt=[[], [[40, 30]]], model=model, extra_body={"box_prompt": [[10, 10, 90, 80], None]}
+    )
 
     async def run():
         client = AsyncAIRefinery(api_key=key, base_url=base_url)
@@ -42,7 +45,7 @@ SCRIPT = textwrap.dedent(
 
     async_result = asyncio.run(run())
     assert isinstance(async_result, SegmentationResponse)
-    print(json.dumps({"sync": sync.model_dump(), "async": async_result.model_dump()}))
+    print(json.dumps({"sync": sync.model_dump(), "async": async_result.model_dump(), "box": box.model_dump()}))
     """
 )
 
@@ -75,7 +78,7 @@ def sdk_python(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_vendor_sdk_sync_and_async_against_our_server(sdk_python):
+def test_vendor_sdk_sync_and_async_against_our_server(sdk_python, segmenter):
     app, _ = build_api(api_keys=("sdk-key",))
     with LiveServer(app) as server:
         result = subprocess.run(
@@ -91,4 +94,9 @@ def test_vendor_sdk_sync_and_async_against_our_server(sdk_python):
     assert Mask(**payload["sync"]["data"][0]).to_array().shape == (100, 160)
     labels = Mask(**payload["async"]["data"][0]).to_array()
     assert labels.shape == (50, 80) and set(np.unique(labels)) <= {0, 1, 2}
+    assert payload["box"]["usage"]["input_tokens_details"]["point_tokens"] == 3  # a box is two tokens
+    expected = segmenter.segment(
+        segmenter.embed(make_picture(160, 100)), [[], [[40, 30]]], None, [[10, 10, 90, 80], None]
+    )
+    np.testing.assert_array_equal(Mask(**payload["box"]["data"][0]).to_array(), expected.best.labels)
     assert sys.version_info >= (3, 10)

@@ -138,11 +138,6 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the decoder still runs all 255 objects at once (~1.8 GB with the tiny checkpoint; the label maps "
-    "take under 200 MB): the decode-side chunking lands separately, and this mark goes with it",
-)
 def test_row4_255_one_point_objects_are_answered_within_the_memory_bound_or_refused(open_server):
     prompt = [[[float(i % 100), float(i // 100)]] for i in range(255)]
     big = _flat_png_b64(8000, 5000, seed=4)  # 40 megapixels
@@ -209,12 +204,14 @@ def test_row6_models_answers_within_a_second_while_a_3_million_string_point_is_r
 # ---- row 8: body caps on every route ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/gradio_api/call/segment", "/gradio_api/queue/join", "/gradio_api/upload", URL])
+@pytest.mark.parametrize(
+    "path", ["/gradio_api/call/segment", "/gradio_api/queue/join", "/ui/session/stranger/picture", URL]
+)
 def test_row8_a_body_over_the_cap_is_refused_on_every_route_without_being_read(open_server, path):
     status, answer = _raw_headers_only(open_server, "POST", path, 120 * MiB)
     assert status == 413, answer
     sent = {"bytes": 0}
-    upload = "upload" in path
+    upload = "picture" in path
     boundary = "stranger"
     content_type = f"multipart/form-data; boundary={boundary}" if upload else "application/json"
 
@@ -228,9 +225,10 @@ def test_row8_a_body_over_the_cap_is_refused_on_every_route_without_being_read(o
     with httpx.Client(base_url=open_server.url, timeout=60) as client:
         try:
             response = client.post(path, content=chunks(), headers={"Content-Type": content_type})
-            assert response.status_code == 413
+            # a route that does not exist (or an unknown session) may answer first: it does not read either
+            assert response.status_code in (413, 404, 403, 400), response.text
         except httpx.TransportError:
-            pass  # the server answered 413 and closed while the client was still sending
+            pass  # the server answered and closed while the client was still sending
     assert sent["bytes"] < 120 * MiB
     with httpx.Client(base_url=open_server.url, timeout=60) as client:
         assert client.get("/v1/models").status_code == 200

@@ -18,7 +18,6 @@ def test_defaults(monkeypatch):
         "SAMHQ_PRELOAD_EXAMPLES",
         "SAMHQ_THREADS",
         "SAMHQ_MAX_WORK_MP",
-        "SAMHQ_MAX_UPLOAD_MB",
     ):
         monkeypatch.delenv(name, raising=False)
     settings = Settings.from_env()
@@ -30,7 +29,7 @@ def test_defaults(monkeypatch):
         32,
     )
     assert settings.api_keys == () and settings.preload_examples and not settings.compile
-    assert (settings.max_work_mp, settings.max_upload_mb) == (1000, 50)
+    assert settings.max_work_mp == 1000
     assert settings.threads == 0
 
 

@@ -1,0 +1,263 @@
+"""The HTTP API on Ray Serve: one ingress deployment with our own routes, N Segmenter replicas behind it.
+
+    python -m segmentation.serving.ray_app --replicas 2          # a local cluster, API on 127.0.0.1:8000
+    serve run deploy/serve.yaml                                   # or `serve deploy` to a running cluster
+
+* Same contract: the ingress is a FastAPI app built by `api.install_api` (routes, limits, errors,
+  /openapi.json) whose segmentation call goes to a Segmenter replica through a deployment handle.
+* Cache affinity by Ray's model multiplexing: a picture's content digest is the request's
+  multiplexed model id. A replica "loads" the id on its first click (the embedding goes into that
+  replica's own byte-bounded cache, as in one process), reports it to the controller, and Ray's router
+  sends every later request with that id to a replica holding it. Unknown ids go to the replica with
+  the fewest ids. A replica holds at most `max_pictures` ids (LRU, Ray's `max_num_models_per_replica`);
+  keep that times the size of one embedding within the cache budget (SAMHQ_CACHE_MB).
+* When a replica dies mid-request the ingress retries on another one, which encodes the picture again.
+* Decodes of concurrent clicks on one picture are merged into one decoder call (`batching`).
+* The replica that answered is named in the `x-samhq-replica` response header (for tests and operators).
+
+Ray is imported here only: nothing else in the project imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from .. import service
+from ..api import install_api
+from ..engine import Segmenter
+from ..errors import ModelUnavailableError, SegmentationError
+from ..models import fit_cpu_threads, resolve_device
+from ..settings import Settings
+from .batching import BatchingSegmenter
+from .headers import ReplicaHeader, answered_by
+
+log = logging.getLogger(__name__)
+
+TITLE, VERSION = "SAM-HQ point segmentation", "0.1.0"  # app.py's, so /openapi.json is the same document
+FORWARDED_ENV = ("SAMHQ_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_")  # what replicas need of the driver's environment
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError as error:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from error
+
+
+def _env_auto_flag(name: str) -> bool | None:
+    raw = os.environ.get(name, "").strip().lower()
+    return None if raw in ("", "auto") else raw not in ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """The deployment's knobs (env var, default). In deploy/serve.yaml Ray's own `deployments:` section
+    overrides replicas, CPUs/GPUs, max_ongoing_requests and sets autoscaling_config."""
+
+    replicas: int = 2  # SAMHQ_RAY_REPLICAS: Segmenter replicas (each loads the model)
+    cpus: float = 1.0  # SAMHQ_RAY_CPUS: CPUs per Segmenter replica (torch uses that many threads)
+    gpus: float = 0.0  # SAMHQ_RAY_GPUS: GPUs per Segmenter replica (fractions share one GPU)
+    max_pictures: int = 48  # SAMHQ_RAY_MAX_PICTURES: picture ids a replica holds for routing (LRU)
+    max_ongoing: int = 16  # SAMHQ_RAY_MAX_ONGOING: requests a replica takes at once (merged decodes need > 1)
+    ingress_replicas: int = 1  # SAMHQ_RAY_INGRESS_REPLICAS: API processes (no model; 4 segmentations each at once)
+    retries: int = 3  # SAMHQ_RAY_RETRIES: tries on another replica when one dies mid-request
+    batch: bool | None = None  # SAMHQ_RAY_BATCH: merge concurrent decodes on one picture: 1, 0, auto (= on a GPU)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> RayOptions:
+        values = {
+            "replicas": int(_env_number("SAMHQ_RAY_REPLICAS", cls.replicas)),
+            "cpus": _env_number("SAMHQ_RAY_CPUS", cls.cpus),
+            "gpus": _env_number("SAMHQ_RAY_GPUS", cls.gpus),
+            "max_pictures": int(_env_number("SAMHQ_RAY_MAX_PICTURES", cls.max_pictures)),
+            "max_ongoing": int(_env_number("SAMHQ_RAY_MAX_ONGOING", cls.max_ongoing)),
+            "ingress_replicas": int(_env_number("SAMHQ_RAY_INGRESS_REPLICAS", cls.ingress_replicas)),
+            "retries": int(_env_number("SAMHQ_RAY_RETRIES", cls.retries)),
+            "batch": _env_auto_flag("SAMHQ_RAY_BATCH"),
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def picture_id(model: str, image: bytes) -> str:
+    """The multiplexed model id of a (model, picture) pair: a digest of the picture's bytes as sent."""
+    digest = hashlib.blake2b(model.encode() + b"\0", digest_size=16)
+    digest.update(image)
+    return digest.hexdigest()
+
+
+# ---- deployments ------------------------------------------------------------------------------
+
+
+class _Held:
+    """What a replica 'loads' for a picture id: the id itself. The embedding lives in the replica's
+    cache and is made by the request that needs it, so `cached_tokens` reports the truth."""
+
+    def __init__(self, picture: str):
+        self.picture = picture
+
+
+@serve.deployment(name="Segmenter")
+class SegmenterReplica:
+    """One model and its own embedding cache (SAMHQ_* settings from the environment, as in one process)."""
+
+    def __init__(self, max_pictures: int = RayOptions.max_pictures, batch: bool | None = RayOptions.batch):
+        self.settings = dataclasses.replace(Settings.from_env(), preload_examples=False)
+        fit_cpu_threads(self.settings.threads)  # Ray sets OMP_NUM_THREADS to the replica's CPUs
+        if batch is None:  # auto: a GPU decodes N objects in about the time of one; a CPU takes N times as long
+            batch = resolve_device(self.settings.device).type == "cuda"  # (docs/SCALING.md, measured on CPU)
+        self.batching = batch
+        loader = _load_batching if batch else Segmenter.from_pretrained
+        self.registry = service.ModelRegistry(self.settings, loader=loader)
+        # a thread per request Ray lets in (the default executor has cores + 4): concurrent clicks on one
+        # picture must all reach the decode to be merged
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="segment")
+        self.name = serve.get_replica_context().replica_id.unique_id
+
+        async def hold(picture: str) -> _Held:
+            return _Held(picture)
+
+        # configured at run time, as Ray's multiplexing allows: max_pictures is a setting
+        self._hold = serve.multiplexed(max_num_models_per_replica=max_pictures)(hold)
+        for name in self.registry.served:  # ready only once the models are loaded (a failure answers 503)
+            try:
+                self.registry.get(name)
+            except ModelUnavailableError:
+                log.exception("replica %s could not load %s", self.name, name)
+
+    async def segment(self, request: dict[str, Any]) -> tuple[service.SegmentResult, str]:
+        """`service.segment(registry, **request)` on this replica; returns (result, replica name)."""
+        picture = serve.get_multiplexed_model_id()
+        if picture:
+            await self._hold(picture)
+        work = partial(service.segment, self.registry, **request)
+        result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
+        return result, self.name
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's name, cache counters and batching counters (benchmarks, operators)."""
+        models = self.registry.loaded()
+        batchers = [m.batcher for m in models.values() if isinstance(m, BatchingSegmenter)]
+        return {
+            "replica": self.name,
+            "batching": self.batching,
+            "cache": dataclasses.asdict(self.registry.cache.stats()),
+            "decoder_calls": sum(b.calls for b in batchers),
+            "decoded_requests": sum(b.requests for b in batchers),
+        }
+
+
+def _load_batching(name: str, **options: Any) -> BatchingSegmenter:
+    return BatchingSegmenter.wrapping(Segmenter.from_pretrained(name, **options))
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """The API process: our routes and error format; each segmentation goes to a Segmenter replica."""
+
+    def __init__(self, segmenter: DeploymentHandle, retries: int = RayOptions.retries):
+        # the registry names the served models and checks `model`; it never loads one in this process
+        self.settings = dataclasses.replace(Settings.from_env(), device="cpu", preload_examples=False)
+        self.registry = service.ModelRegistry(self.settings)
+        self.segmenter = segmenter
+        self.retries = retries
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = FastAPI(title=TITLE, version=VERSION)
+        install_api(app, self.registry, self.settings, segment=self.segment)
+        app.add_middleware(ReplicaHeader)
+        return app
+
+    def segment(self, registry: service.ModelRegistry, *, image: Any, model: str | None = None, **options: Any):
+        """`service.segment`'s signature, run on the replica that holds the picture (any other keyword
+        arguments pass through). Called in a worker thread, so it may block on the handle."""
+        name = registry.check_served(model)
+        image = bytes(image)
+        handle = self.segmenter.options(multiplexed_model_id=picture_id(name, image))
+        request = {"image": image, "model": name, **options}
+        for attempt in range(self.retries + 1):
+            try:
+                result, replica = handle.segment.remote(request).result()
+            except RayTaskError as error:  # raised on the replica: our errors keep their type and status
+                if isinstance(error.cause, SegmentationError):
+                    raise error.cause from None
+                raise
+            except (RayActorError, ActorUnavailableError) as error:  # the replica died: Ray routes the retry elsewhere
+                log.warning("segmenter replica lost (%s); try %d of %d", error, attempt + 1, self.retries + 1)
+                if attempt < self.retries:
+                    time.sleep(0.1 * 2**attempt)
+                continue
+            answered_by(replica)
+            return result
+        raise ModelUnavailableError("No segmentation replica answered; retry in a few seconds.")
+
+
+def build(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application. `args` (deploy/serve.yaml's `args:`, or the CLI's flags) override RayOptions' env."""
+    options = RayOptions.from_env(**(args or {}))
+    segmenter = SegmenterReplica.options(
+        num_replicas=options.replicas,
+        max_ongoing_requests=options.max_ongoing,
+        ray_actor_options={"num_cpus": options.cpus, "num_gpus": options.gpus},
+    ).bind(options.max_pictures, options.batch)
+    return Ingress.options(
+        num_replicas=options.ingress_replicas,
+        max_ongoing_requests=max(16, 4 * options.max_ongoing),
+        ray_actor_options={"num_cpus": 0},
+    ).bind(segmenter, options.retries)
+
+
+def runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """What Ray workers need of this process: the project on PYTHONPATH and the SAMHQ_/HF_ settings."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {key: value for key, value in os.environ.items() if key.startswith(FORWARDED_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))
+    return {"env_vars": {**env, **(extra or {})}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the segmentation API on a local Ray cluster.")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP proxy address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP proxy port (default 8000)")
+    parser.add_argument("--replicas", type=int, help="Segmenter replicas (SAMHQ_RAY_REPLICAS, default 2)")
+    parser.add_argument("--cpus", type=float, help="CPUs per replica (SAMHQ_RAY_CPUS, default 1)")
+    parser.add_argument("--gpus", type=float, help="GPUs per replica (SAMHQ_RAY_GPUS, default 0)")
+    parser.add_argument("--max-pictures", type=int, help="picture ids per replica (SAMHQ_RAY_MAX_PICTURES, 48)")
+    parser.add_argument("--max-ongoing", type=int, help="requests per replica at once (SAMHQ_RAY_MAX_ONGOING, 16)")
+    parser.add_argument("--ingress-replicas", type=int, help="API processes (SAMHQ_RAY_INGRESS_REPLICAS, 1)")
+    parser.add_argument(
+        "--batch",
+        action=argparse.BooleanOptionalAction,
+        help="merge decodes on one picture (SAMHQ_RAY_BATCH; auto: on a GPU)",
+    )
+    parser.add_argument("--cache-mb", type=int, help="embedding cache per replica, MB (SAMHQ_CACHE_MB)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if args.cache_mb is not None:
+        os.environ["SAMHQ_CACHE_MB"] = str(args.cache_mb)
+    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "cache_mb")}
+    ray.init(runtime_env=runtime_env(), include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build(options), name="samhq", route_prefix="/", blocking=True)
+
+
+if __name__ == "__main__":
+    main()

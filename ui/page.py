@@ -1,0 +1,139 @@
+"""The Gradio 6 shell of the page: one gr.HTML holding the canvas page (ui/static), the help text,
+and Gradio's "Use via API" `/segment` endpoint when no API keys are set. Mounted with the page's
+JSON routes on the FastAPI app that also serves the HTTP API.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from segmentation import service
+from segmentation.api import APIError, decode_base64_image
+from segmentation.errors import SegmentationError
+from segmentation.models import CATALOG
+from segmentation.schemas import build_response
+from segmentation.service import ModelRegistry
+from segmentation.settings import Settings
+
+from .backend import LocalBackend
+from .guard import guard_file_inputs
+from .routes import ASSETS, PageRoutes, install_page_routes
+from .sessions import SessionStore
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+class NoGradioUploads:
+    """The page uploads through /ui; nothing uses Gradio's own upload route, so it is closed: no
+    anonymous files pile up in Gradio's cache (what remains there is deleted by `delete_cache`)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            response = JSONResponse(
+                {
+                    "error": {
+                        "message": "Uploads go through the page.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "forbidden",
+                    }
+                },
+                status_code=403,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def page_options() -> dict[str, float]:
+    """The page's own knobs (README): sessions kept, idle expiry, Gradio cache clean-up."""
+    return {
+        "sessions": int(_env_number("SAMHQ_UI_SESSIONS", 100)),
+        "session_ttl": _env_number("SAMHQ_UI_SESSION_TTL", 3600),
+        "cache_age": int(_env_number("SAMHQ_UI_CACHE_AGE", 3600)),
+    }
+
+
+def api_segment_function(registry: ModelRegistry) -> Callable[..., dict]:
+    def segment(
+        image_b64: str, segment_prompt: list, point_labels: list | None = None, model: str = "", n: int = 1
+    ) -> dict:
+        """Segment a base64 picture from points [[[x, y], ...], ...]; returns the same JSON as POST /v1/images/segmentations."""
+        try:
+            result = service.segment(
+                registry,
+                image=decode_base64_image(image_b64),
+                points=segment_prompt,
+                labels=point_labels,
+                model=model or None,
+                candidates=int(n),
+            )
+        except (SegmentationError, APIError) as error:
+            raise gr.Error(error.message) from error
+        return build_response(result).model_dump()
+
+    return segment
+
+
+def build_blocks(registry: ModelRegistry, settings: Settings, cache_age: int, gpu=lambda fn: fn) -> gr.Blocks:
+    html = (STATIC / "page.html").read_text()
+    script = (STATIC / "page.js").read_text()
+    served = ", ".join(f"`{name}`" for name in registry.served)
+    with gr.Blocks(title="SAM-HQ point segmentation", delete_cache=(max(1, cache_age // 4), cache_age)) as demo:
+        gr.HTML(html, js_on_load=f"({script})(element);", elem_id="samhq-page", apply_default_css=False)
+        with gr.Accordion("How it works", open=False):
+            gr.Markdown(
+                "Upload a picture, then **click** on it: each click adds a point and segments at once. "
+                "*Include* points add to the active object, *exclude* points carve it out; **New object** starts "
+                "the next one. The picture is embedded once (seconds on a CPU); clicks after that take a "
+                "fraction of a second, and clicks made meanwhile are kept and applied in order.\n\n"
+                "**score** is the model's own estimate of the outline's quality (predicted IoU, 0–1); "
+                "**value** is the object's number in `mask.png` (0 = background). The downloads are built at "
+                "full size for the prompt on screen and are the HTTP API's bytes for it.\n\n"
+                "Catalog: "
+                + ", ".join(f"`{spec.id}` ({spec.encoder})" for spec in CATALOG.values())
+                + f". Served here: {served}."
+            )
+        if not settings.api_keys:  # with keys set, Gradio's own endpoint would be a keyless way in
+            gr.api(gpu(api_segment_function(registry)), api_name="segment")
+    demo.queue(default_concurrency_limit=2, max_size=settings.max_queue)
+    guard_file_inputs(demo, [ASSETS])
+    return demo
+
+
+def mount_page(app: FastAPI, registry: ModelRegistry, settings: Settings, gpu=lambda fn: fn) -> FastAPI:
+    """The page's routes under /ui and the Gradio shell at /, on `app` (which already serves the API)."""
+    options = page_options()
+    store = SessionStore(capacity=options["sessions"], ttl=options["session_ttl"])
+    routes = PageRoutes(
+        LocalBackend(registry, settings),
+        store,
+        max_body_bytes=settings.max_body_mb * 2**20,
+        public_url=os.environ.get("SAMHQ_PUBLIC_URL"),
+    )
+    install_page_routes(app, routes)
+    app.add_middleware(NoGradioUploads)
+    app.state.page = routes
+    demo = build_blocks(registry, settings, options["cache_age"], gpu)
+    return gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        allowed_paths=[str(ASSETS)],
+        max_file_size=f"{settings.max_body_mb}mb",
+        css=(STATIC / "page.css").read_text(),
+    )

@@ -1,0 +1,458 @@
+"""The page's JSON routes under /ui: sessions, the picture, edits and downloads.
+
+The browser draws every click at once and sends the edits one after another in the order they were
+made; each answer carries the new prompt and ONE small label map at preview size (a PNG of at most
+1024 px) that the browser paints over the picture in the object colours. No route accepts a server path:
+a picture is the request's bytes or an example's index, and everything goes through `LocalBackend`,
+hence through the API's format, pixel, object and point limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+
+from segmentation import export, visualize
+from segmentation.errors import ModelUnavailableError, SegmentationError
+from segmentation.masks import encode_png
+from segmentation.schemas import build_response
+from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
+
+from . import state as st
+from .backend import LocalBackend, Preview
+from .sessions import Entry, SessionStore
+
+log = logging.getLogger("ui")
+
+PREVIEW_SIDE = 1024
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DOWNLOADS = ("mask.png", "objects.json", "response.json", "snippet.py", "cutout.png")
+
+
+def example_pictures() -> list[Path]:
+    return sorted(ASSETS.glob("*.jpg"))
+
+
+def error(status: int, message: str, code: str = "invalid_request", **extra: Any) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}, **extra},
+        status_code=status,
+    )
+
+
+def banner(model: str, reason: str) -> dict[str, str]:
+    """What the page shows at the top when the model cannot be loaded: the model, the reason, the fix."""
+    return {
+        "model": model,
+        "reason": reason,
+        "fix": (
+            f"Download the weights once with `hf download {model}` (pip install huggingface_hub) on a machine "
+            "with internet access, and point HF_HOME at that cache; then set HF_HUB_OFFLINE=1 to start without "
+            "contacting the hub. Or pass a local folder saved with save_pretrained: "
+            "`python app.py --model /path/to/folder`. The page retries the model by itself."
+        ),
+    }
+
+
+def _png_b64(labels: np.ndarray) -> str:
+    return base64.b64encode(encode_png(labels)).decode()
+
+
+class PageRoutes:
+    """Handlers as plain functions of a session (`ui.state`), with the engine behind `LocalBackend`."""
+
+    def __init__(self, backend: LocalBackend, store: SessionStore, max_body_bytes: int, public_url: str | None = None):
+        self.backend = backend
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+        self.public_url = public_url
+        # like the API's: a bounded number of page requests use the model at once, the rest wait, and
+        # past `max_waiting` the page answers "busy" at once instead of piling up threads
+        self.gate = AdmissionGate(max_concurrent=2, max_waiting=backend.settings.max_queue)
+
+    # ---- views --------------------------------------------------------------------------
+
+    def config(self, entry: Entry) -> dict[str, Any]:
+        model = entry.session.model
+        reason = self.backend.unavailable(model)
+        return {
+            "session": entry.session.id,
+            "model": model,
+            "models": list(self.backend.models),
+            "banner": banner(model, reason) if reason else None,
+            "palette": [visualize.hex_color(v) for v in range(1, len(visualize.PALETTE) + 1)],
+            "examples": [{"index": i, "name": p.stem} for i, p in enumerate(example_pictures())],
+            "max_mb": self.max_body_bytes // 2**20,
+        }
+
+    def view(self, entry: Entry, preview: Preview | None = None, status: str = "") -> dict[str, Any]:
+        session = entry.session
+        prompted = session.prompted()
+        values = {obj.number: i + 1 for i, obj in enumerate(prompted)}
+        by_value = {o.value: o for o in preview.objects} if preview else {}
+        objects = []
+        for obj in session.objects:
+            result = by_value.get(values.get(obj.number, -1))
+            objects.append(
+                {
+                    "number": obj.number,
+                    "points": obj.points,
+                    "labels": obj.labels,
+                    "choice": obj.choice,
+                    "value": values.get(obj.number),
+                    "score": result.score if result else None,
+                    "percent": result.percent if result else None,
+                    "candidate": result.candidate if result else None,
+                    "candidates": result.candidates if result else None,
+                    "can_redo": bool(obj.redo),
+                }
+            )
+        picture = session.picture
+        return {
+            "rev": session.rev,
+            "model": session.model,
+            "hq_only": session.hq_only,
+            "active": session.active_object.number,
+            "next_number": session.next_number,
+            "objects": objects,
+            "map": _png_b64(preview.labels) if preview is not None else None,
+            "thumbnails": [{"png": _png_b64(m), "score": s} for m, s in preview.thumbnails] if preview else [],
+            "picture": None
+            if picture is None
+            else {
+                "name": picture.name,
+                "width": picture.width,
+                "height": picture.height,
+                "preview": list(picture.preview),
+                "embedded": picture.key is not None,
+            },
+            "status": status,
+        }
+
+    # ---- the segmentation of a session ----------------------------------------------------
+
+    def render(self, entry: Entry) -> tuple[Preview | None, str]:
+        session = entry.session
+        if session.picture is None:
+            return None, "Upload a picture or pick an example to start."
+        prompted = session.prompted()
+        if not prompted:
+            return None, "No points yet: click on the picture."
+        positions = {obj.number: i for i, obj in enumerate(prompted)}
+        active = positions.get(session.active_object.number)
+        preview = self.backend.preview(
+            session.model,
+            session.picture,
+            [obj.points for obj in prompted],
+            [obj.labels for obj in prompted],
+            [obj.choice for obj in prompted],
+            hq_only=session.hq_only,
+            active=active,
+            reuse=entry.decoded,
+        )
+        entry.decoded = self.backend.keepable(preview.decoded)
+        decoder = "same prompt, reused" if preview.reused else f"{preview.timings['decoder'] * 1e3:.0f} ms"
+        status = (
+            f"{len(prompted)} object(s) · decoder {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
+            f"{session.model}"
+        )
+        return preview, status
+
+    def apply(self, entry: Entry, body: dict[str, Any]) -> dict[str, Any]:
+        """One edit from the browser, then the new view."""
+        session = entry.session
+        op = body.get("op")
+        if op == "click":
+            if session.picture is None:
+                raise ValueError("Upload a picture first, or pick one of the examples.")
+            st.add_point(session, _number(body, "x"), _number(body, "y"), bool(body.get("include", True)))
+        elif op == "undo":
+            st.undo_point(session)
+        elif op == "redo":
+            st.redo_point(session)
+        elif op == "new":
+            st.new_object(session)
+        elif op == "delete":
+            st.delete_object(session)
+        elif op == "select":
+            st.select_object(session, int(_number(body, "number")))
+        elif op == "choose":
+            st.choose_candidate(session, int(_number(body, "candidate")))
+        elif op == "clear":
+            st.clear_all(session)
+        elif op == "settings":
+            if "hq_only" in body:
+                st.set_hq_only(session, bool(body["hq_only"]))
+            if "model" in body and body["model"] != session.model:
+                model = str(body["model"])
+                if model not in self.backend.models:
+                    raise ValueError(f"Model {model!r} is not served here.")
+                session.model = model
+                entry.decoded = None
+                if session.picture is not None:
+                    session.picture = _replace_key(session.picture, None)
+                st.changed(session)
+        elif op == "embed":
+            pass
+        else:
+            raise ValueError(f"Unknown edit {op!r}.")
+        if session.picture is not None and session.picture.key is None:
+            start = time.perf_counter()
+            embedding, cached = self.backend.embedding(session.model, session.picture)
+            session.picture = _replace_key(session.picture, embedding.key)
+            if op == "embed" or not session.prompted():
+                _give_memory_back()
+                how = "from the cache" if cached else f"computed in {time.perf_counter() - start:.2f} s"
+                return self.view(entry, None, f"Picture ready — embedding {how}. Click on it to add a point.")
+        preview, status = self.render(entry)
+        return self.view(entry, preview, status)
+
+    # ---- pictures -------------------------------------------------------------------------
+
+    def load_picture(self, entry: Entry, data: bytes | None, name: str, example: int | None) -> dict[str, Any]:
+        """Decode through the API's limits, keep the file in the session folder, write the preview."""
+        session = entry.session
+        examples = example_pictures()
+        if example is not None:
+            if not 0 <= example < len(examples):
+                raise ValueError("There is no such example.")
+            source, name = str(examples[example]), examples[example].name
+            rgb = self.backend.prepare(session.model, source)
+        else:
+            rgb = self.backend.prepare(session.model, data or b"")
+            for old in entry.folder.glob("upload-*"):
+                old.unlink(missing_ok=True)
+            path = entry.folder / f"upload-{time.monotonic_ns()}"
+            path.write_bytes(data or b"")
+            source = str(path)
+        height, width = rgb.shape[:2]
+        preview = visualize.preview_size(width, height, PREVIEW_SIDE)
+        small = visualize.resize_rgb(rgb, *preview)
+        del rgb
+        Image.fromarray(small).save(entry.folder / "preview.jpg", quality=90)
+        st.set_picture(
+            session, st.Picture(name=_safe_name(name), width=width, height=height, preview=preview, source=source)
+        )
+        entry.decoded = None
+        self._clear_downloads(entry)
+        _give_memory_back()
+        return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
+
+    # ---- downloads ------------------------------------------------------------------------
+
+    def _clear_downloads(self, entry: Entry) -> None:
+        shutil.rmtree(entry.folder / "export", ignore_errors=True)
+
+    def download(self, entry: Entry, rev: int, name: str, base_url: str) -> Path:
+        """The file for prompt revision `rev`, built at full size on first request (one folder per session)."""
+        session = entry.session
+        if rev != session.rev:
+            raise StaleDownload()
+        if session.picture is None or not session.prompted():
+            raise ValueError("Nothing to download yet: add at least one point.")
+        folder = entry.folder / "export"
+        marker = folder / "rev"
+        if not marker.exists() or marker.read_text() != str(rev):
+            self._clear_downloads(entry)
+            folder.mkdir()
+            self._build(entry, folder, base_url)
+            marker.write_text(str(rev))
+            _give_memory_back()
+        path = folder / name
+        if name == "cutout.png" and not path.exists():
+            labels = np.asarray(Image.open(folder / "mask.png"))
+            rgb = self.backend.prepare(session.model, session.picture.source)
+            Image.fromarray(visualize.cutout(rgb, labels)).save(path)
+            del rgb, labels
+            _give_memory_back()
+        return path
+
+    def _build(self, entry: Entry, folder: Path, base_url: str) -> None:
+        session = entry.session
+        prompted = session.prompted()
+        points = [obj.points for obj in prompted]
+        labels = [obj.labels for obj in prompted]
+        plan = [obj.choice for obj in prompted]
+        chosen, embedding, cached = self.backend.full(
+            session.model, session.picture, points, labels, plan, hq_only=session.hq_only, reuse=entry.decoded
+        )
+        (folder / "mask.png").write_bytes(encode_png(chosen.labels))
+        prompt = [{"points": p, "labels": lab} for p, lab in zip(points, labels)]
+        document = export.objects_document(chosen.labels, chosen.objects, prompt, session.model)
+        for item, obj in zip(document["objects"], prompted):
+            item["name"] = f"Object {obj.number}"
+        (folder / "objects.json").write_text(json.dumps(document))
+        summary = SegmentResult(
+            model=session.model,
+            width=chosen.labels.shape[1],
+            height=chosen.labels.shape[0],
+            candidates=(chosen,),
+            embedding_cached=cached,
+            image_tokens=embedding.grid_tokens,
+            point_tokens=sum(len(p) for p in points),
+        )
+        (folder / "response.json").write_text(build_response(summary).model_dump_json(indent=1))
+        # the API's i-th map gives every object its i-th candidate: one shared choice is reproducible exactly
+        singles = {obj.choice for obj in prompted if len(obj.points) == 1}
+        candidate = singles.pop() if len(singles) == 1 else 0
+        snippet = export.api_snippets(
+            self.public_url or base_url,
+            session.model,
+            points,
+            labels,
+            session.picture.name,
+            hq_token_only=session.hq_only,
+            candidate=candidate,
+        )
+        if len(set(plan)) > 1 and any(len(obj.points) == 1 and obj.choice != candidate for obj in prompted):
+            snippet = (
+                "# Note: the objects here use different candidate ranks; the API's n-th map gives every object\n"
+                "# the same rank, so this call reproduces the map with each object's first candidate.\n" + snippet
+            )
+        (folder / "snippet.py").write_text(snippet)
+
+
+class StaleDownload(Exception):
+    pass
+
+
+def _replace_key(picture: st.Picture, key: str | None) -> st.Picture:
+    from dataclasses import replace
+
+    return replace(picture, key=key)
+
+
+def _number(body: dict[str, Any], name: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a number.")
+    return float(value)
+
+
+def _give_memory_back() -> None:
+    """After a big picture, hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _safe_name(name: str) -> str:
+    name = os.path.basename(name or "picture.jpg")[:100]
+    return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
+
+
+def install_page_routes(app, routes: PageRoutes) -> None:
+    router = APIRouter(prefix="/ui")
+    store = routes.store
+
+    async def guarded(sid: str, work) -> Response:
+        entry = store.get(sid)
+        if entry is None:
+            return error(404, "This page's session has expired: reload the page.", "session_expired")
+
+        def locked():
+            with routes.gate, entry.lock:
+                return work(entry)
+
+        try:
+            return await run_in_threadpool(locked)
+        except ModelUnavailableError as failure:
+            model = entry.session.model
+            return error(503, failure.message, "model_unavailable", banner=banner(model, failure.message))
+        except OverloadedError as failure:
+            return error(429, failure.message, "rate_limit_exceeded")
+        except SegmentationError as failure:
+            return error(400, failure.message, failure.code or "invalid_request")
+        except ValueError as failure:
+            return error(400, str(failure))
+        except StaleDownload:
+            return error(409, "This download belongs to an earlier prompt: press Download again.", "stale")
+
+    @router.post("/session")
+    async def open_session() -> Response:
+        entry = store.open(routes.backend.default)
+        return JSONResponse(routes.config(entry))
+
+    @router.delete("/session/{sid}")
+    async def close_session(sid: str) -> Response:
+        store.drop(sid)
+        return Response(status_code=204)
+
+    @router.post("/session/{sid}/picture")
+    async def picture(sid: str, request: Request) -> Response:
+        example = request.query_params.get("example")
+        data = None
+        if example is None:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > routes.max_body_bytes:
+                    return error(413, f"The file is larger than {routes.max_body_bytes // 2**20} MB.", "too_large")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            if not data:
+                return error(400, "The upload is empty.")
+        try:
+            index = None if example is None else int(example)
+        except ValueError:
+            return error(400, "example must be an index.")
+        name = unquote(request.headers.get("x-filename", "picture.jpg"))
+        return await guarded(sid, lambda entry: JSONResponse(routes.load_picture(entry, data, name, index)))
+
+    @router.post("/session/{sid}/op")
+    async def op(sid: str, request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > 4096:
+            return error(413, "An edit is a few bytes.", "too_large")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return error(400, "The edit is not JSON.")
+        if not isinstance(body, dict):
+            return error(400, "The edit must be a JSON object.")
+        return await guarded(sid, lambda entry: JSONResponse(routes.apply(entry, body)))
+
+    @router.get("/session/{sid}/preview.jpg")
+    async def preview_picture(sid: str) -> Response:
+        entry = store.get(sid)
+        path = entry.folder / "preview.jpg" if entry else None
+        if path is None or not path.exists():
+            return error(404, "No picture in this session.")
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @router.get("/session/{sid}/download/{rev}/{name}")
+    async def download(sid: str, rev: int, name: str, request: Request) -> Response:
+        if name not in DOWNLOADS:
+            return error(404, "No such download.")
+        base_url = str(request.base_url).rstrip("/")
+
+        def work(entry: Entry) -> Response:
+            path = routes.download(entry, rev, name, base_url)
+            media = {"png": "image/png", "json": "application/json", "py": "text/x-python"}[name.rsplit(".", 1)[1]]
+            return FileResponse(path, media_type=media, filename=name, headers={"Cache-Control": "no-store"})
+
+        return await guarded(sid, work)
+
+    @router.get("/examples/{index}.jpg")
+    async def example_thumbnail(index: int) -> Response:
+        examples = example_pictures()
+        if not 0 <= index < len(examples):
+            return error(404, "No such example.")
+        return FileResponse(examples[index], media_type="image/jpeg")
+
+    app.include_router(router)

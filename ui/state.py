@@ -1,0 +1,150 @@
+"""One visitor's session as small typed values: keys and prompts, never pixels or full-size maps.
+
+Edits are plain functions of the state. Every object keeps the number it was born with (its name and
+colour), so undoing or deleting never renumbers the others. The prompt sent to the engine lists the
+objects that have points, in order; their label values in the map are 1..n in that order, as the API's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_UNDO = 200  # redo entries kept per object
+
+
+@dataclass
+class ObjectPrompt:
+    number: int  # stable: "Object 3" stays "Object 3" whatever happens to the others
+    points: list[list[float]] = field(default_factory=list)  # picture pixels [x, y]
+    labels: list[int] = field(default_factory=list)  # 1 include, 0 exclude
+    choice: int = 0  # the chosen candidate (0-2) while the object has one point
+    box: list[float] | None = None  # [x0, y0, x1, y1]: reserved for the engine's box prompts
+    redo: list[tuple[list[float], int]] = field(default_factory=list)  # points undone, last first out
+
+    @property
+    def prompted(self) -> bool:
+        return bool(self.points) or self.box is not None
+
+
+@dataclass(frozen=True)
+class Picture:
+    name: str
+    width: int
+    height: int
+    preview: tuple[int, int]  # (width, height) of the picture the browser shows
+    source: str  # the uploaded bytes on disk (session folder or an example), to re-embed if evicted
+    key: str | None = None  # the embedding's cache key once embedded
+
+
+@dataclass
+class Session:
+    id: str
+    model: str
+    picture: Picture | None = None
+    objects: list[ObjectPrompt] = field(default_factory=lambda: [ObjectPrompt(1)])
+    active: int = 0  # index into objects
+    hq_only: bool = False
+    rev: int = 0  # bumped by every change of prompt or setting: downloads name the revision they belong to
+    next_number: int = 2
+
+    @property
+    def active_object(self) -> ObjectPrompt:
+        return self.objects[self.active]
+
+    def prompted(self) -> list[ObjectPrompt]:
+        return [obj for obj in self.objects if obj.prompted]
+
+
+def changed(session: Session) -> Session:
+    session.rev += 1
+    return session
+
+
+def add_point(session: Session, x: float, y: float, include: bool) -> Session:
+    """A click: the point goes to the active object, clamped to the picture."""
+    picture = session.picture
+    if picture is not None:
+        x = min(max(float(x), 0.0), picture.width - 1.0)
+        y = min(max(float(y), 0.0), picture.height - 1.0)
+    obj = session.active_object
+    obj.points.append([round(float(x), 2), round(float(y), 2)])
+    obj.labels.append(1 if include else 0)
+    obj.choice = 0  # a new point changes the candidates
+    obj.redo.clear()
+    return changed(session)
+
+
+def undo_point(session: Session) -> Session:
+    """Remove the last point of the active object (redo brings it back). Other objects are untouched."""
+    obj = session.active_object
+    if obj.points:
+        obj.redo.append((obj.points.pop(), obj.labels.pop()))
+        del obj.redo[:-MAX_UNDO]
+        obj.choice = 0
+        changed(session)
+    return session
+
+
+def redo_point(session: Session) -> Session:
+    obj = session.active_object
+    if obj.redo:
+        point, label = obj.redo.pop()
+        obj.points.append(point)
+        obj.labels.append(label)
+        obj.choice = 0
+        changed(session)
+    return session
+
+
+def new_object(session: Session) -> Session:
+    """Start the next object; an empty active object is reused rather than piling up empty ones."""
+    if session.active_object.prompted:
+        session.objects.append(ObjectPrompt(session.next_number))
+        session.next_number += 1
+        session.active = len(session.objects) - 1
+    return session
+
+
+def delete_object(session: Session) -> Session:
+    """Delete the active object; the others keep their numbers. The last one left is emptied instead."""
+    was_prompted = session.active_object.prompted
+    if len(session.objects) == 1:
+        session.objects[0] = ObjectPrompt(session.objects[0].number)
+    else:
+        session.objects.pop(session.active)
+        session.active = min(session.active, len(session.objects) - 1)
+    return changed(session) if was_prompted else session
+
+
+def select_object(session: Session, number: int) -> Session:
+    for index, obj in enumerate(session.objects):
+        if obj.number == number:
+            session.active = index
+    return session
+
+
+def choose_candidate(session: Session, index: int) -> Session:
+    obj = session.active_object
+    if len(obj.points) == 1 and 0 <= int(index) <= 2 and obj.choice != int(index):
+        obj.choice = int(index)
+        changed(session)
+    return session
+
+
+def clear_all(session: Session) -> Session:
+    session.objects = [ObjectPrompt(1)]
+    session.active = 0
+    session.next_number = 2
+    return changed(session)
+
+
+def set_hq_only(session: Session, hq_only: bool) -> Session:
+    if bool(hq_only) != session.hq_only:
+        session.hq_only = bool(hq_only)
+        changed(session)
+    return session
+
+
+def set_picture(session: Session, picture: Picture) -> Session:
+    session.picture = picture
+    return clear_all(session)
