@@ -1,18 +1,28 @@
 """The HTTP API: `POST /v1/images/segmentations` (AI Refinery SDK compatible), `GET /v1/models`,
 `POST /authentication/validate`. Thin: parsing and errors here, the work in `service`.
 
-`install_api(app, registry, settings)` adds the routes, the request-body limit and the error
-handlers to an existing FastAPI app (the one the Gradio UI is mounted on). The handlers only
-reformat responses under the API's own paths and leave Gradio's alone.
+`install_api(app, registry, settings)` adds the routes, the request guard (API keys and body caps
+on every route, Gradio's too: `segmentation.guard`) and the error handlers to an existing FastAPI
+app (the one the Gradio UI is mounted on). The handlers only reformat responses under the API's
+own paths and leave Gradio's alone.
+
+The segmentation route reads its body itself and parses and validates it in a worker thread,
+failing on the first bad element of the prompt: a large or malformed body never blocks the event
+loop, and never makes pydantic build millions of errors. The limits of `segmentation.limits` run
+here, before the `segment` function (so a deployment that brings its own gets them too), and
+again in `service.segment`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import hmac
+import json
 import logging
+import math
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,19 +31,23 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import service
 from .errors import (
     ImageTooLargeError,
+    InvalidPromptError,
     ModelUnavailableError,
     ResourceExhaustedError,
     SegmentationError,
     UnknownModelError,
 )
+from .guard import RequestGuard, key_is_valid
+from .images import upright_size
+from .limits import MAX_COORDINATE, Limits, loggable_user
 from .masks import parse_size
 from .models import CATALOG
 from .schemas import (
@@ -44,6 +58,7 @@ from .schemas import (
     SegmentationResponse,
     ValidateResponse,
     build_response,
+    merge_extra_body,
 )
 from .settings import Settings
 
@@ -104,72 +119,12 @@ def decode_base64_image(value: str) -> bytes:
         ) from error
 
 
-class BodySizeLimit:
-    """Answers 413 for API requests whose body exceeds the limit, without reading the rest of it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIXES):
-            await self.app(scope, receive, send)
-            return
-        too_large = error_response(
-            413,
-            f"The request body is larger than the {self.max_bytes // 2**20} MiB limit.",
-            "invalid_request_error",
-            None,
-            "request_too_large",
-        )
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await too_large(scope, receive, send)
-            return
-        received = 0
-        started = refused = False
-
-        async def nothing_more() -> Message:
-            return {"type": "http.disconnect"}
-
-        async def counting_receive() -> Message:
-            # Past the limit: answer 413 now and tell the app the client left, so it stops reading.
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    refused = True
-                    if not started:
-                        await too_large(scope, nothing_more, send)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refused:
-                return  # our 413 is the answer; drop what the app says after the disconnect
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        await self.app(scope, counting_receive, guarded_send)
-
-
 def _auth_dependency(settings: Settings):
+    """The key check again inside the router, for a deployment that reuses it without the guard."""
     keys = [key.encode() for key in settings.api_keys]
 
     async def require_key(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        supplied = token.strip().encode() if scheme.lower() == "bearer" else b""
-        # compare against every key, always, so timing says nothing about which matched
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(supplied, key)
-        if not matched:
+        if keys and not key_is_valid(request.headers.get("authorization", "").encode(), keys):
             raise APIError(
                 401,
                 "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
@@ -179,6 +134,130 @@ def _auth_dependency(settings: Settings):
             )
 
     return require_key
+
+
+# ---- the request body, parsed off the event loop ------------------------------------------------
+
+
+class _BadValue(Exception):
+    """The first element of the prompt that the schema refuses (a 422 naming its position)."""
+
+    def __init__(self, loc: list[Any], message: str):
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+
+def _check_number(value: Any, loc: list[Any]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadValue(loc, "Input should be a valid number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _BadValue(loc, "Input should be a finite number")
+    if not -MAX_COORDINATE <= value <= MAX_COORDINATE:
+        raise _BadValue(loc, f"Input should be between -{MAX_COORDINATE} and {MAX_COORDINATE}")
+
+
+def _check_boxes(boxes: Any, limits: Limits) -> None:
+    """`box_prompt`: None, or at most one box (or null) per object; each box's first values must be numbers."""
+    if boxes is None:
+        return
+    if not isinstance(boxes, list):
+        raise _BadValue(["box_prompt"], "Input should be a valid list")
+    if len(boxes) > limits.max_objects:
+        raise InvalidPromptError(
+            f"box_prompt has {len(boxes)} boxes; the limit is {limits.max_objects}.", param="box_prompt"
+        )
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        if not isinstance(box, list):
+            raise _BadValue(["box_prompt", i], "Input should be a valid list")
+        for k, value in enumerate(box[:4]):
+            _check_number(value, ["box_prompt", i, k])
+        if len(box) != 4:
+            raise InvalidPromptError(
+                f"object {i + 1}: the box must be [x0, y0, x1, y1] or null, got {len(box)} values.", param="box_prompt"
+            )
+
+
+def _check_prompt(points: Any, labels: Any, limits: Limits, boxes: Any = None) -> None:
+    """Walk `segment_prompt` and `point_labels` once, stopping at the first problem: the counts of
+    `limits` (400, as prompt validation words them) and the schema's types (422). What reaches
+    pydantic afterwards is small and well-formed, so it never builds more than a few errors."""
+    if not isinstance(points, list):
+        raise _BadValue(["segment_prompt"], "Input should be a valid list")
+    limits.check_object_count(len(points))
+    for i, obj in enumerate(points):
+        if not isinstance(obj, list):
+            raise _BadValue(["segment_prompt", i], "Input should be a valid list")
+        limits.check_point_count(i, len(obj))
+        for j, point in enumerate(obj):
+            if not isinstance(point, list):
+                raise _BadValue(["segment_prompt", i, j], "Input should be a valid list")
+            for k, value in enumerate(point[:2]):  # the types first, as the schema would, and only the first two
+                _check_number(value, ["segment_prompt", i, j, k])
+            if len(point) != 2:
+                raise InvalidPromptError(
+                    f"object {i + 1}, point {j + 1} must be [x, y], got {len(point)} values.", param="segment_prompt"
+                )
+    _check_boxes(boxes, limits)
+    if labels is None:
+        return
+    if not isinstance(labels, list):
+        raise _BadValue(["point_labels"], "Input should be a valid list")
+    if len(labels) != len(points):
+        raise InvalidPromptError(
+            f"point_labels must have one list per object ({len(points)} objects), got {len(labels)}.",
+            param="point_labels",
+        )
+    for i, (obj_labels, obj) in enumerate(zip(labels, points)):
+        if not isinstance(obj_labels, list):
+            raise _BadValue(["point_labels", i], "Input should be a valid list")
+        if len(obj_labels) != len(obj):
+            raise InvalidPromptError(
+                f"object {i + 1} has {len(obj)} points but point_labels gives {len(obj_labels)} for it.",
+                param="point_labels",
+            )
+        for j, label in enumerate(obj_labels):
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise _BadValue(["point_labels", i, j], "Input should be a valid integer")
+
+
+def parse_segmentation_request(raw: bytes, limits: Limits) -> SegmentationRequest:
+    """The request body → SegmentationRequest, or APIError / InvalidPromptError. Run it off the event loop."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep, an integer too long
+        raise APIError(
+            400, "The request body is not valid JSON.", "invalid_request_error", None, "invalid_json"
+        ) from error
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", "invalid_request_error", None, "invalid_body")
+    data = merge_extra_body(data)
+    try:
+        if "segment_prompt" in data:
+            _check_prompt(data["segment_prompt"], data.get("point_labels"), limits, data.get("box_prompt"))
+        return SegmentationRequest.model_validate(data)
+    except _BadValue as bad:
+        message, param, status, code = _describe_validation([{"loc": bad.loc, "msg": bad.message, "type": "value"}])
+    except ValidationError as error:
+        message, param, status, code = _describe_validation(error.errors(include_url=False, include_input=False))
+    raise APIError(status, message, "invalid_request_error", param, code)
+
+
+def _request_body_schema() -> dict[str, Any]:
+    """/openapi.json documents the body the route parses itself: the same pydantic model."""
+    schema = SegmentationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event, gate: service.AdmissionGate) -> None:
+    """Once the body is read, the next message is the client leaving: mark the request abandoned."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            gate.wake()
+            return
 
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
@@ -195,22 +274,32 @@ def create_router(
     router = APIRouter(dependencies=[Depends(_auth_dependency(settings))], responses=_ERRORS)
     gate = service.AdmissionGate(max_concurrent=4, max_waiting=settings.max_queue)
 
-    @router.post("/v1/images/segmentations", response_model=SegmentationResponse, tags=["images"])
-    async def create_segmentation(body: SegmentationRequest) -> SegmentationResponse:
+    limits = registry.limits
+
+    @router.post(
+        "/v1/images/segmentations",
+        response_model=SegmentationResponse,
+        tags=["images"],
+        openapi_extra=_request_body_schema(),
+    )
+    async def create_segmentation(request: Request) -> Response:
         """Segment a picture from point prompts: one categorical label map per candidate (n), best first."""
-        if not 1 <= body.n <= 3:
-            raise APIError(400, f"n must be from 1 to 3, got {body.n}.", "invalid_request_error", "n", "invalid_n")
+        raw = await request.body()  # bounded by the guard's cap
+        body = await run_in_threadpool(parse_segmentation_request, raw, limits)
         try:
             size = parse_size(body.size) if body.size is not None else None
         except ValueError as error:
             raise APIError(400, str(error), "invalid_request_error", "size", "invalid_size") from error
+        limits.check(points=body.segment_prompt, candidates=body.n, size=size)
         registry.check_served(body.model)
-        picture = decode_base64_image(body.image_prompt)
-        if body.user:
-            log.info("segmentation request from user %r for %s", body.user, body.model)
+        gone = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone, gate))
 
-        def work() -> SegmentationResponse:  # in a worker thread, PNG encoding included: the event loop stays free
-            with gate:
+        def work() -> Response:  # in a worker thread, PNG encoding included: the event loop stays free
+            picture = decode_base64_image(body.image_prompt)
+            width, height = upright_size(picture, limits.max_pixels)  # the header only
+            limits.check_work(len(body.segment_prompt), body.n, width, height)
+            with gate.admit(gone):
                 result = segment(
                     registry,
                     image=picture,
@@ -222,9 +311,17 @@ def create_router(
                     hq_token_only=body.hq_token_only,
                     size=size,
                 )
-            return build_response(result)
+            if body.user:  # only a request that passed every check: shortened and escaped
+                log.info("segmentation for user %s with %s", loggable_user(body.user), body.model)
+            return Response(build_response(result).model_dump_json(), media_type="application/json")
 
-        return await run_in_threadpool(work)
+        try:
+            return await run_in_threadpool(work)
+        except service.ClientGone:
+            log.info("dropped a request whose client left before it ran")
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            watcher.cancel()
 
     @router.get("/v1/models", response_model=ModelList, tags=["models"])
     async def list_models() -> ModelList:
@@ -283,9 +380,13 @@ def install_api(
 ) -> None:
     """Add the API routes, its body limit and its error format to `app`."""
     app.include_router(create_router(registry, settings, segment))
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_mb * 2**20)
+    # outermost: it wraps whatever is mounted on `app` later (the Gradio UI) as well
+    app.add_middleware(RequestGuard, limits=registry.limits, api_keys=settings.api_keys)
     if settings.api_keys:
-        log.info("API keys configured: /v1/* and /authentication/validate require a bearer key")
+        log.info(
+            "API keys configured: /v1/*, /authentication/validate and Gradio's HTTP API require a bearer key; "
+            "the UI stays public unless Gradio auth protects it"
+        )
     else:
         log.warning("No API keys configured (SAMHQ_API_KEYS): the HTTP API is open to anyone who can reach it")
 

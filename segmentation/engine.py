@@ -157,9 +157,14 @@ def make_cache(
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, and the RuntimeErrors other allocators raise:
+    "... out of memory" (CUDA, MPS) and the CPU's "DefaultCPUAllocator: can't allocate memory"."""
     if isinstance(error, MemoryError) or isinstance(error, getattr(torch, "OutOfMemoryError", ())):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error).lower()
+    return any(sign in message for sign in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
 class Segmenter:

@@ -13,16 +13,25 @@ class SegmentationError(Exception):
 
     code = "segmentation_error"
 
-    def __init__(self, message: str, *, param: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:  # a more precise code than the class's, e.g. "invalid_size"
+            self.code = code
 
 
 class InvalidPromptError(SegmentationError, ValueError):
     """Points or labels malformed, out of the picture, or over the limits."""
 
     code = "invalid_prompt"
+
+
+class RequestLimitError(SegmentationError, ValueError):
+    """A request over what one request may cost (`segmentation.limits`): too many objects, points,
+    candidates or output pixels, or too much work in all. The caller's to fix: a 400."""
+
+    code = "limit_exceeded"
 
 
 class InvalidImageError(SegmentationError, ValueError):
@@ -47,6 +56,12 @@ class ModelUnavailableError(SegmentationError, RuntimeError):
     """A known model whose weights cannot be loaded right now (offline, no cache, corrupt)."""
 
     code = "model_unavailable"
+
+
+class UnsupportedImageFormatError(InvalidImageError):
+    """A picture in a format we do not decode (only the formats the README lists, no external programs)."""
+
+    code = "unsupported_image_format"
 
 
 class ResourceExhaustedError(SegmentationError, RuntimeError):

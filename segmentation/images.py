@@ -14,11 +14,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageTooLargeError, InvalidImageError
+from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
 ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# The formats the README lists, decoded by Pillow itself. Nothing else is even identified: no
+# EPS/PostScript (Pillow runs Ghostscript for it), no format that runs an external program.
+# (A camera's multi-picture JPEG is opened by the JPEG plugin, as Pillow's MPO.)
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+FORMATS_TEXT = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+# EXIF orientations 5-8 turn the picture a quarter: its upright width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
@@ -37,7 +44,7 @@ def _open(source: bytes | str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(stream)
+            return Image.open(stream, formats=FORMATS)
     except Image.DecompressionBombError as error:
         # Pillow's own guard (2 × Image.MAX_IMAGE_PIXELS) fired while reading the header
         raise ImageTooLargeError(
@@ -46,11 +53,60 @@ def _open(source: bytes | str | Path) -> Image.Image:
             param="image",
         ) from error
     except UnidentifiedImageError as error:
-        raise InvalidImageError("The data is not a picture in a format Pillow can read.", param="image") from error
+        if _identified_elsewhere(source):
+            raise UnsupportedImageFormatError(
+                f"This picture format is not accepted: send a {FORMATS_TEXT} picture.", param="image"
+            ) from error
+        raise InvalidImageError(
+            f"The data is not a picture in a format we read ({FORMATS_TEXT}).", param="image"
+        ) from error
     except FileNotFoundError as error:
         raise InvalidImageError(f"No picture file at {str(source)!r}.", param="image") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImageError(f"The picture could not be read: {error}.", param="image") from error
+
+
+def _identified_elsewhere(source: bytes | str | Path) -> bool:
+    """Whether the data is a picture in a format we refuse (only the plugins' cheap header tests run)."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            head = bytes(source[:64])
+        else:
+            with open(source, "rb") as file:
+                head = file.read(64)
+    except OSError:
+        return False
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if name not in FORMATS and accept is not None and accept(head):
+                return True
+        except Exception:  # a plugin's header test that cannot read this short a header
+            continue
+    return False
+
+
+def upright_size(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the upright picture, read from the header alone (nothing is decoded),
+    with the pixel limit checked: what a prompt is validated against before the encoder runs."""
+    if isinstance(source, np.ndarray):
+        width, height = (source.shape[1], source.shape[0]) if source.ndim >= 2 else (0, 0)
+    else:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray, memoryview, str, Path)):
+            image = _open(source)
+        else:
+            raise InvalidImageError(f"Unsupported picture type {type(source).__name__}.", param="image")
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112)
+        except Exception:  # a damaged EXIF block: decoding will say what is wrong, if anything
+            orientation = None
+        if orientation in _QUARTER_TURNS:
+            width, height = height, width
+    _check_size(width, height, max_pixels)
+    return width, height
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -16,11 +16,15 @@ from PIL import Image
 
 from .decoder import upscale_logits
 
-# Upscaled logits are float32 at the picture's size; bound how many are alive at once.
-_MAX_UPSCALED_VALUES = 48_000_000
+# Memory per request is bounded, not proportional to the objects: at most this many upscaled
+# float32 logits are alive at once (64 MB), besides the running best logit and the label map.
+_MAX_UPSCALED_VALUES = 16_000_000
 # Areas and boxes: comparing the map once per object is fastest for a few objects (~0.2 ms each
 # at 1.5 megapixels); beyond this many, one pass that tabulates every value wins.
 _SCAN_PER_VALUE_UP_TO = 12
+# The tabulating pass works in bands of rows of at most this many pixels: its int64 temporaries
+# (8 bytes a pixel) never cover the whole map.
+_BAND_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -46,33 +50,43 @@ def compose_label_map(
     """(N, 256, 256) logits → (H, W) label map on the same device: uint8 up to 255 objects, else int32.
 
     A pixel belongs to an object where its upscaled logit is > 0; where several claim it,
-    the highest logit wins (ties: the earlier object). Each pass over the full-size map costs
-    about a millisecond on a CPU, so the common cases take as few as possible.
+    the highest logit wins (ties: the earlier object). A running maximum over the objects, in
+    order, updated in place: at most `_MAX_UPSCALED_VALUES` upscaled logits exist at once (one
+    object at a time on a large picture), so the peak does not grow with the number of objects:
+    about 10 bytes a pixel at 40 megapixels (~400 MB).
     """
     n = low_res_logits.shape[0]
     height, width = original_size
-    device = low_res_logits.device
     dtype = _device_label_dtype(n)
-    unclaimed = torch.zeros((), dtype=dtype, device=device)
+    labels = best = wins = None
     chunk = max(1, _MAX_UPSCALED_VALUES // max(1, height * width))
-    best = labels = None
     for start in range(0, n, chunk):
         logits = upscale_logits(low_res_logits[start : start + chunk], resized_size, original_size)
-        if logits.shape[0] == 1:
-            chunk_best, values = logits[0], torch.tensor(start + 1, dtype=dtype, device=device)
-        else:
-            chunk_best, chunk_index = logits.max(dim=0)  # ties: the first index
-            values = (chunk_index + (start + 1)).to(dtype)
+        if logits.shape[0] == 1:  # large pictures: one object at a time, no index map
+            chunk_best, values = logits[0], start + 1
+        else:  # small pictures: the chunk's maximum at once (its int64 index map is small here)
+            chunk_best, index = logits.max(dim=0)  # ties: the first index
+            values = (index + (start + 1)).to(dtype)
+            del index
+        del logits
         if labels is None:  # nothing claimed yet: a pixel is claimed where its logit is > 0
             wins = chunk_best > 0
-            labels = torch.where(wins, values, unclaimed)
+            labels = _claim(wins, values, torch.zeros((height, width), dtype=dtype, device=wins.device))
             if start + chunk < n:
-                best = torch.where(wins, chunk_best, 0.0)
+                best = chunk_best.clamp_min(0)
         else:
-            wins = chunk_best > best  # strictly: on a tie the earlier object keeps the pixel
-            best = torch.where(wins, chunk_best, best)
-            labels = torch.where(wins, values, labels)
+            torch.gt(chunk_best, best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
+            labels = _claim(wins, values, labels)
+            torch.maximum(best, chunk_best, out=best)
+        del chunk_best, values
     return labels
+
+
+def _claim(wins: torch.Tensor, values: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
+    """`labels` with `values` where `wins`: in place for one object's value, else a new map."""
+    if isinstance(values, int):
+        return labels.masked_fill_(wins, values)
+    return torch.where(wins, values, labels)
 
 
 def object_stats(labels: np.ndarray, n_objects: int) -> list[ObjectStats]:
@@ -84,9 +98,17 @@ def object_stats(labels: np.ndarray, n_objects: int) -> list[ObjectStats]:
             area = int(np.count_nonzero(pixels))
             stats.append(ObjectStats(value, area, _bbox(pixels.any(axis=1), pixels.any(axis=0)) if area else None))
         return stats
-    areas = np.bincount(labels.ravel(), minlength=n_objects + 1)
-    rows_with = _occurrence_table(labels, n_objects, axis=1)  # which values occur in each row
-    cols_with = _occurrence_table(labels, n_objects, axis=0)  # ... and in each column
+    height, width = labels.shape
+    values = n_objects + 1
+    areas = np.zeros(values, dtype=np.int64)
+    rows_with = np.zeros((values, height), dtype=bool)  # which values occur in each row
+    cols_with = np.zeros((values, width), dtype=bool)  # ... and in each column
+    band = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, band):
+        rows = labels[top : top + band]
+        areas += np.bincount(rows.ravel(), minlength=values)[:values]
+        rows_with[:, top : top + band] = _occurrence_table(rows, n_objects, axis=1)
+        cols_with |= _occurrence_table(rows, n_objects, axis=0)
     return [
         ObjectStats(value, int(areas[value]), _bbox(rows_with[value], cols_with[value]) if areas[value] else None)
         for value in range(1, n_objects + 1)

@@ -11,12 +11,18 @@ from __future__ import annotations
 import base64
 import io
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
-Coordinate = StrictFloat | StrictInt
+from .limits import MAX_COORDINATE, MAX_USER_CHARS
+
+# Bounded: a coordinate past any picture side is refused here (422), and no integer overflows a float.
+Coordinate = (
+    Annotated[StrictFloat, Field(ge=-MAX_COORDINATE, le=MAX_COORDINATE)]
+    | Annotated[StrictInt, Field(ge=-MAX_COORDINATE, le=MAX_COORDINATE)]
+)
 
 
 class SegmentationRequest(BaseModel):
@@ -30,7 +36,7 @@ class SegmentationRequest(BaseModel):
 
     model: str = Field(description="A served model id, e.g. syscv-community/sam-hq-vit-base (see GET /v1/models).")
     image_prompt: str = Field(
-        description="The picture, base64-encoded (any Pillow-readable format); a data:image/...;base64, prefix is accepted."
+        description="The picture, base64-encoded (JPEG, PNG, WebP, BMP, TIFF or GIF); a data:image/...;base64, prefix is accepted."
     )
     segment_prompt: list[list[list[Coordinate]]] = Field(
         description="Objects → points → [x, y] in pixels of the upright picture, e.g. [[[120, 80]], [[300, 200], [340, 260]]]."
@@ -49,15 +55,24 @@ class SegmentationRequest(BaseModel):
         description="WIDTHxHEIGHT: return the masks at this size (nearest neighbour, values stay categorical).",
     )
     hq_token_only: StrictBool = Field(default=False, description="SAM-HQ: use the HQ output token alone.")
-    user: str | None = Field(default=None, description="An end-user id; recorded in the logs only.")
+    user: str | None = Field(
+        default=None,
+        max_length=MAX_USER_CHARS,
+        description="An end-user id; recorded in the logs only (shortened and escaped).",
+    )
     extra_body: dict[str, Any] | None = Field(default=None, description="Further parameters, merged into the body.")
 
     @model_validator(mode="before")
     @classmethod
     def _merge_extra_body(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
-            return {**data, **data["extra_body"]}
-        return data
+        return merge_extra_body(data)
+
+
+def merge_extra_body(data: Any) -> Any:
+    """The body with `extra_body`'s keys merged in (they win), as the SDK means it."""
+    if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
+        return {**data, **data["extra_body"]}
+    return data
 
 
 class Segment(BaseModel):

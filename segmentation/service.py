@@ -1,15 +1,20 @@
 """What the web layers share: the served models (loaded lazily, once) and one segmentation call.
 
 The HTTP API and the Gradio UI both go through here, so a picture embedded by one is a
-cache hit for the other, and both enforce the same limits.
+cache hit for the other, and `segment` enforces the same limits (`segmentation.limits`) for
+every way in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +22,12 @@ import numpy as np
 
 from .cache import EmbeddingCache
 from .engine import Embedding, LabelMap, ObjectResult, Segmenter, make_cache
-from .errors import ModelUnavailableError, SegmentationError, UnknownModelError
+from .errors import ModelUnavailableError, ResourceExhaustedError, SegmentationError, UnknownModelError
+from .images import upright_size
+from .limits import Limits
 from .masks import encode_png, object_stats, resize_nearest
 from .models import resolve_device
+from .prompts import parse_prompt
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ class ModelRegistry:
         retry_after: float = 15.0,
     ):
         self.settings = settings
+        self.limits = Limits.from_settings(settings)
         self.served = settings.served_models
         self._loader = loader
         self.retry_after = retry_after
@@ -114,29 +123,75 @@ class ModelRegistry:
         return dict(self._models)
 
 
+class ClientGone(Exception):
+    """The client left while its request waited: it is dropped without running (nothing to answer)."""
+
+
 class AdmissionGate:
-    """Bounds the requests waiting for the model: past `max_waiting`, refuse at once (HTTP 429)."""
+    """Bounds the requests waiting for the model: past `max_waiting`, refuse at once (HTTP 429).
+
+    A waiting request whose client has left (`abandoned` is set) leaves the queue at once, and
+    one that reaches the front after its client left is dropped there, before it runs.
+    """
 
     def __init__(self, max_concurrent: int = 1, max_waiting: int = 16):
-        self._slots = threading.BoundedSemaphore(max(1, max_concurrent))
+        self._free = max(1, max_concurrent)
         self._max_waiting = max_waiting
         self._waiting = 0
-        self._lock = threading.Lock()
+        self._ready = threading.Condition()
 
-    def __enter__(self) -> AdmissionGate:
-        with self._lock:
+    @contextlib.contextmanager
+    def admit(self, abandoned: threading.Event | None = None) -> Iterator[None]:
+        """Wait for a slot; raises OverloadedError when the queue is full, ClientGone when abandoned."""
+        gone = abandoned.is_set if abandoned is not None else (lambda: False)
+        with self._ready:
             if self._waiting >= self._max_waiting:
                 raise OverloadedError("The server is busy: too many requests are waiting. Retry in a few seconds.")
             self._waiting += 1
-        try:
-            self._slots.acquire()
-        finally:
-            with self._lock:
+            try:
+                while self._free == 0 and not gone():
+                    self._ready.wait(timeout=1.0)  # woken by a release or by `wake`; the timeout is a safety net
+            finally:
                 self._waiting -= 1
+            if gone():
+                raise ClientGone()
+            self._free -= 1
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._free += 1
+                self._ready.notify()
+
+    def wake(self) -> None:
+        """Let waiters look again whether their client is still there (called when one leaves)."""
+        with self._ready:
+            self._ready.notify_all()
+
+    def __enter__(self) -> AdmissionGate:
+        self._held = self.admit()
+        self._held.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._slots.release()
+        self._held.__exit__(*exc)
+
+
+def _load_libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
+_malloc_trim = _load_libc_trim()
+
+
+def give_memory_back() -> None:
+    """After running out of memory: collect the garbage and return the freed heap to the system (glibc)."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _resized(label_map: LabelMap, width: int, height: int) -> LabelMap:
@@ -179,16 +234,56 @@ def segment(
     hq_token_only: bool = False,
     size: tuple[int, int] | None = None,
 ) -> SegmentResult:
-    """Embed (cached) and segment one request; the label maps come back at `size` if given (nearest)."""
-    settings = registry.settings
+    """Embed (cached) and segment one request; the label maps come back at `size` if given (nearest).
+
+    Every limit of `registry.limits` is checked first, and the prompt is validated against the
+    picture's size read from its header, so a request that would be refused never runs the encoder.
+    """
+    limits = registry.limits
+    limits.check(points=points, candidates=candidates, size=size)
     segmenter = registry.get(model)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    embedding, cached = segmenter.embed_with_info(image)
-    timings["embed"] = time.perf_counter() - start  # decode + encoder, or a cache lookup
-    prompt = segmenter.parse(
-        embedding, points, labels, boxes, max_objects=settings.max_objects, max_points=settings.max_points
+    width, height = upright_size(image, segmenter.max_pixels)
+    prompt = parse_prompt(
+        points,
+        labels,
+        boxes,
+        width=width,
+        height=height,
+        max_objects=limits.max_objects,
+        max_points=limits.max_points,
     )
+    limits.check_work(len(prompt), candidates, width, height)
+    try:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        embedding, cached = segmenter.embed_with_info(image)
+        timings["embed"] = time.perf_counter() - start  # decode + encoder, or a cache lookup
+        if (embedding.width, embedding.height) != (width, height):  # the header said otherwise: trust the pixels
+            prompt = segmenter.parse(
+                embedding, points, labels, boxes, max_objects=limits.max_objects, max_points=limits.max_points
+            )
+        return _run(segmenter, embedding, cached, prompt, timings, candidates, hq_token_only, size)
+    except ResourceExhaustedError:  # the engine has shed the cache already
+        give_memory_back()
+        raise
+    except MemoryError as error:  # out of memory outside the model (resizing, measuring the maps)
+        registry.cache.shed(0.5)
+        give_memory_back()
+        raise ResourceExhaustedError(
+            "The server ran out of memory while preparing the answer; try again, or ask for a smaller size."
+        ) from error
+
+
+def _run(
+    segmenter: Segmenter,
+    embedding: Embedding,
+    cached: bool,
+    prompt: Any,
+    timings: dict[str, float],
+    candidates: int,
+    hq_token_only: bool,
+    size: tuple[int, int] | None,
+) -> SegmentResult:
     result = segmenter.segment(embedding, prompt, candidates=candidates, hq_token_only=hq_token_only)
     timings.update(result.timings)
     maps = result.candidates

@@ -40,7 +40,8 @@ class Settings:
     max_pixels: int = 40_000_000  # SAMHQ_MAX_PIXELS
     max_objects: int = 255  # SAMHQ_MAX_OBJECTS
     max_points: int = 64  # SAMHQ_MAX_POINTS: per object
-    max_body_mb: int = 32  # SAMHQ_MAX_BODY_MB: HTTP request body
+    max_work_mp: int = 1000  # SAMHQ_MAX_WORK_MP: objects × candidates × composed megapixels per request
+    max_body_mb: int = 32  # SAMHQ_MAX_BODY_MB: HTTP request body, every route (Gradio's included)
     max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
@@ -67,6 +68,7 @@ class Settings:
             max_pixels=_env_int("SAMHQ_MAX_PIXELS", 40_000_000),
             max_objects=_env_int("SAMHQ_MAX_OBJECTS", 255),
             max_points=_env_int("SAMHQ_MAX_POINTS", 64),
+            max_work_mp=_env_int("SAMHQ_MAX_WORK_MP", 1000),
             max_body_mb=_env_int("SAMHQ_MAX_BODY_MB", 32),
             max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),

@@ -9,10 +9,15 @@ import json
 import httpx
 import pytest
 from api_fixtures import body, build_api, png_b64
-from conftest import make_picture
+from conftest import HQ_ID, make_picture
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from live_server import LiveServer
 from PIL import Image
+
+from segmentation.api import install_api
+from segmentation.service import ModelRegistry
+from segmentation.settings import Settings
 
 URL = "/v1/images/segmentations"
 
@@ -185,14 +190,13 @@ def test_png_b64_helper_round_trips():
     assert Image.open(io.BytesIO(base64.b64decode(png_b64()))).size == (160, 100)
 
 
-def test_an_unexpected_server_bug_is_a_json_500_without_a_traceback(monkeypatch):
-    from segmentation import service
-
+def test_an_unexpected_server_bug_is_a_json_500_without_a_traceback():
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    app, _ = build_api()
-    monkeypatch.setattr(service, "segment", broken)
+    settings = Settings(model=HQ_ID, preload_examples=False, device="cpu")
+    app = FastAPI()
+    install_api(app, ModelRegistry(settings), settings, segment=broken)
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.post(URL, json=body())
     assert response.status_code == 500

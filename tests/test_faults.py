@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -77,9 +79,14 @@ def test_registry_remembers_a_failed_load_and_recovers_when_the_model_appears():
     with pytest.raises(ModelUnavailableError):  # answered from memory, no new attempt yet
         registry.get()
     assert len(attempts) == 1
-    import time
-
-    time.sleep(0.25)
-    assert registry.get().model_id == HQ_ID
+    deadline = time.monotonic() + 30  # retried once retry_after has passed: poll, never a fixed sleep
+    while True:
+        try:
+            model = registry.get()
+            break
+        except ModelUnavailableError:
+            assert time.monotonic() < deadline, "the load was never retried"
+            time.sleep(0.02)
+    assert model.model_id == HQ_ID
     assert registry.status(HQ_ID) == "loaded" and len(attempts) == 2
     assert registry.get() is registry.get()  # loaded once

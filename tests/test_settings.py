@@ -17,6 +17,7 @@ def test_defaults(monkeypatch):
         "SAMHQ_COMPILE",
         "SAMHQ_PRELOAD_EXAMPLES",
         "SAMHQ_THREADS",
+        "SAMHQ_MAX_WORK_MP",
     ):
         monkeypatch.delenv(name, raising=False)
     settings = Settings.from_env()
@@ -28,6 +29,7 @@ def test_defaults(monkeypatch):
         32,
     )
     assert settings.api_keys == () and settings.preload_examples and not settings.compile
+    assert settings.max_work_mp == 1000
     assert settings.threads == 0
 
 

@@ -1,0 +1,127 @@
+"""What one request may cost: the one place that says it, and every way in is held to it.
+
+The HTTP API (its router, so every deployment that reuses it), Gradio's `/segment` and anything
+else that calls `service.segment` pass through these checks, and the ASGI guard
+(`segmentation.guard`) takes its body caps from here. What a request costs:
+
+* its body: `max_body_bytes` on every route (the page's and Gradio's too);
+* its picture: `max_pixels`, read from the header before anything is decoded;
+* its prompt: `max_objects` objects of at most `max_points` points, `max_candidates` label maps;
+* its output: `size` within `max_pixels`;
+* its work: objects × candidates × megapixels of the picture (the label maps are composed at the
+  picture's size, one object at a time; `size` then only resizes them) within `max_work_mp`;
+* its `user` field: at most `MAX_USER_CHARS` characters, logged shortened and escaped.
+
+No torch here: the wire schema (`schemas`, imported by the client) uses the constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidPromptError, RequestLimitError
+
+MiB = 1024 * 1024
+MAX_CANDIDATES = 3
+MAX_USER_CHARS = 256  # the schema refuses a longer `user` (422)
+USER_LOG_CHARS = 64  # and the log shows at most this much of it, escaped
+# |x|, |y| in the wire schema: far beyond any picture side, and small enough that no coordinate
+# overflows a float (a 401-digit integer is a 422, not a 500).
+MAX_COORDINATE = 2**31
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = 40_000_000
+    max_objects: int = 255
+    max_points: int = 64
+    max_candidates: int = MAX_CANDIDATES
+    max_work_mp: int = 1000
+    max_body_bytes: int = 32 * MiB
+    max_user_chars: int = MAX_USER_CHARS
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(
+            max_pixels=settings.max_pixels,
+            max_objects=settings.max_objects,
+            max_points=settings.max_points,
+            max_work_mp=settings.max_work_mp,
+            max_body_bytes=settings.max_body_mb * MiB,
+        )
+
+    # ---- the parts of a request ------------------------------------------------------------
+
+    def check_candidates(self, n: Any) -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_candidates:
+            raise RequestLimitError(
+                f"n must be from 1 to {self.max_candidates}, got {n!r}.", param="n", code="invalid_n"
+            )
+        return n
+
+    def check_size(self, size: tuple[int, int] | None) -> None:
+        """The requested output size: within the picture limit, like a picture."""
+        if size is None:
+            return
+        width, height = size
+        if width * height > self.max_pixels:
+            raise RequestLimitError(
+                f"size {width}x{height} is {width * height / 1e6:.1f} megapixels; the limit is "
+                f"{self.max_pixels / 1e6:g} megapixels.",
+                param="size",
+                code="invalid_size",
+            )
+
+    def check_object_count(self, count: int) -> None:
+        if count > self.max_objects:
+            raise InvalidPromptError(
+                f"The prompt has {count} objects; the limit is {self.max_objects}.", param="segment_prompt"
+            )
+
+    def check_point_count(self, index: int, count: int) -> None:
+        if count > self.max_points:
+            raise InvalidPromptError(
+                f"object {index + 1} has {count} points; the limit is {self.max_points}.", param="segment_prompt"
+            )
+
+    def check_work(self, objects: int, candidates: int, width: int, height: int) -> None:
+        """Composing label maps costs objects × candidates × picture pixels (time; memory is bounded per object)."""
+        work = objects * candidates * width * height / 1e6
+        if work > self.max_work_mp:
+            raise RequestLimitError(
+                f"This request asks for {objects} objects × {candidates} candidate maps on a "
+                f"{width}x{height} picture = {work:.0f} object-megapixels; the limit is {self.max_work_mp}. "
+                "Send fewer objects, a smaller n, or a smaller picture.",
+                param="segment_prompt",
+                code="too_much_work",
+            )
+
+    # ---- the whole request -----------------------------------------------------------------
+
+    def check(
+        self,
+        *,
+        points: Any,
+        candidates: Any,
+        size: tuple[int, int] | None = None,
+        picture_size: tuple[int, int] | None = None,
+    ) -> None:
+        """Everything that can be checked before the picture is decoded (`picture_size`: from its header)."""
+        self.check_candidates(candidates)
+        self.check_size(size)
+        if not isinstance(points, Sized) or isinstance(points, (str, bytes)):
+            return  # not a prompt at all: prompt validation says what is wrong with it
+        self.check_object_count(len(points))
+        for index, obj in enumerate(points):
+            if isinstance(obj, Sized) and not isinstance(obj, (str, bytes)):
+                self.check_point_count(index, len(obj))
+        if picture_size is not None:
+            self.check_work(len(points), candidates, *picture_size)
+
+
+def loggable_user(user: str) -> str:
+    """`user` as the log shows it: at most USER_LOG_CHARS characters, control characters escaped."""
+    shown = repr(user[:USER_LOG_CHARS])
+    return shown + (f"… ({len(user)} characters)" if len(user) > USER_LOG_CHARS else "")
