@@ -85,10 +85,32 @@ def test_edits_are_plain_functions_of_the_state_and_never_renumber():
     assert session.active_object.choice == 2 and session.rev == rev + 1
     st.add_point(session, 7, 8, True)
     assert session.active_object.choice == 0 and not session.active_object.redo
-    assert session.objects[0].box is None, "room for the engine's box prompts"
+    assert session.objects[0].box is None
     st.clear_all(session)
     assert [o.number for o in session.objects] == [1] and not session.prompted()
     assert len(pickle.dumps(session)) < 2000, "keys and prompts only"
+
+
+def test_a_box_is_an_edit_like_a_point_and_replaces_the_previous_box():
+    session = st.Session(id="s", model="m")
+    session.picture = st.Picture("p", 100, 80, (100, 80), "/nowhere")
+    st.set_box(session, 90, 70, 10, 200)  # corners in any order, clamped to the picture
+    assert session.active_object.box == [10, 70, 90, 80] and session.prompted()
+    st.add_point(session, 50, 75, False)
+    st.set_box(session, 20, 20, 60, 60)
+    st.undo_point(session)  # the newest box goes, the one it replaced comes back
+    assert session.active_object.box == [10, 70, 90, 80] and session.active_object.points == [[50, 75]]
+    st.undo_point(session)
+    st.undo_point(session)
+    assert session.active_object.box is None and not session.prompted()
+    st.redo_point(session)
+    st.redo_point(session)
+    assert session.active_object.box == [10, 70, 90, 80] and session.active_object.points == [[50, 75]]
+    with pytest.raises(ValueError, match="area"):
+        st.set_box(session, 5, 5, 5.5, 40)
+    assert session.active_object.choice == 0
+    st.choose_candidate(session, 2)
+    assert session.active_object.choice == 0, "a box makes the object unambiguous"
 
 
 # ---- the routes ----------------------------------------------------------------------------------

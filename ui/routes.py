@@ -112,6 +112,7 @@ class PageRoutes:
                     "number": obj.number,
                     "points": obj.points,
                     "labels": obj.labels,
+                    "box": obj.box,
                     "choice": obj.choice,
                     "value": values.get(obj.number),
                     "score": result.score if result else None,
@@ -151,7 +152,7 @@ class PageRoutes:
             return None, "Upload a picture or pick an example to start."
         prompted = session.prompted()
         if not prompted:
-            return None, "No points yet: click on the picture."
+            return None, "No points yet: click on the picture (or draw a box in Box mode)."
         positions = {obj.number: i for i, obj in enumerate(prompted)}
         active = positions.get(session.active_object.number)
         preview = self.backend.preview(
@@ -160,14 +161,17 @@ class PageRoutes:
             [obj.points for obj in prompted],
             [obj.labels for obj in prompted],
             [obj.choice for obj in prompted],
+            boxes=_boxes(prompted),
             hq_only=session.hq_only,
             active=active,
             reuse=entry.decoded,
         )
         entry.decoded = self.backend.keepable(preview.decoded)
         decoder = "same prompt, reused" if preview.reused else f"{preview.timings['decoder'] * 1e3:.0f} ms"
+        active_box = session.active_object.box
+        boxed = f" · box {_box_text(active_box)}" if active_box else ""
         status = (
-            f"{len(prompted)} object(s) · decoder {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
+            f"{len(prompted)} object(s){boxed} · decoder {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
             f"{session.model}"
         )
         return preview, status
@@ -180,6 +184,10 @@ class PageRoutes:
             if session.picture is None:
                 raise ValueError("Upload a picture first, or pick one of the examples.")
             st.add_point(session, _number(body, "x"), _number(body, "y"), bool(body.get("include", True)))
+        elif op == "box":
+            if session.picture is None:
+                raise ValueError("Upload a picture first, or pick one of the examples.")
+            st.set_box(session, *(_number(body, name) for name in ("x0", "y0", "x1", "y1")))
         elif op == "undo":
             st.undo_point(session)
         elif op == "redo":
@@ -212,8 +220,8 @@ class PageRoutes:
             raise ValueError(f"Unknown edit {op!r}.")
         if session.picture is not None and session.picture.key is None:
             start = time.perf_counter()
-            embedding, cached = self.backend.embedding(session.model, session.picture)
-            session.picture = _replace_key(session.picture, embedding.key)
+            key, cached = self.backend.embed(session.model, session.picture)
+            session.picture = _replace_key(session.picture, key)
             if op == "embed" or not session.prompted():
                 _give_memory_back()
                 how = "from the cache" if cached else f"computed in {time.perf_counter() - start:.2f} s"
@@ -263,7 +271,7 @@ class PageRoutes:
         if rev != session.rev:
             raise StaleDownload()
         if session.picture is None or not session.prompted():
-            raise ValueError("Nothing to download yet: add at least one point.")
+            raise ValueError("Nothing to download yet: add at least one point or a box.")
         folder = entry.folder / "export"
         marker = folder / "rev"
         if not marker.exists() or marker.read_text() != str(rev):
@@ -287,11 +295,19 @@ class PageRoutes:
         points = [obj.points for obj in prompted]
         labels = [obj.labels for obj in prompted]
         plan = [obj.choice for obj in prompted]
-        chosen, embedding, cached = self.backend.full(
-            session.model, session.picture, points, labels, plan, hq_only=session.hq_only, reuse=entry.decoded
+        boxes = _boxes(prompted)
+        chosen = self.backend.full(
+            session.model,
+            session.picture,
+            points,
+            labels,
+            plan,
+            boxes=boxes,
+            hq_only=session.hq_only,
+            reuse=entry.decoded,
         )
         (folder / "mask.png").write_bytes(encode_png(chosen.labels))
-        prompt = [{"points": p, "labels": lab} for p, lab in zip(points, labels)]
+        prompt = [{"points": obj.points, "labels": obj.labels, "box": obj.box} for obj in prompted]
         document = export.objects_document(chosen.labels, chosen.objects, prompt, session.model)
         for item, obj in zip(document["objects"], prompted):
             item["name"] = f"Object {obj.number}"
@@ -301,13 +317,13 @@ class PageRoutes:
             width=chosen.labels.shape[1],
             height=chosen.labels.shape[0],
             candidates=(chosen,),
-            embedding_cached=cached,
-            image_tokens=embedding.grid_tokens,
-            point_tokens=sum(len(p) for p in points),
+            embedding_cached=chosen.cached,
+            image_tokens=chosen.image_tokens,
+            point_tokens=chosen.point_tokens,
         )
         (folder / "response.json").write_text(build_response(summary).model_dump_json(indent=1))
         # the API's i-th map gives every object its i-th candidate: one shared choice is reproducible exactly
-        singles = {obj.choice for obj in prompted if len(obj.points) == 1}
+        singles = {obj.choice for obj in prompted if _ambiguous(obj)}
         candidate = singles.pop() if len(singles) == 1 else 0
         snippet = export.api_snippets(
             self.public_url or base_url,
@@ -317,8 +333,9 @@ class PageRoutes:
             session.picture.name,
             hq_token_only=session.hq_only,
             candidate=candidate,
+            boxes=boxes,
         )
-        if len(set(plan)) > 1 and any(len(obj.points) == 1 and obj.choice != candidate for obj in prompted):
+        if any(_ambiguous(obj) and obj.choice != candidate for obj in prompted):
             snippet = (
                 "# Note: the objects here use different candidate ranks; the API's n-th map gives every object\n"
                 "# the same rank, so this call reproduces the map with each object's first candidate.\n" + snippet
@@ -328,6 +345,20 @@ class PageRoutes:
 
 class StaleDownload(Exception):
     pass
+
+
+def _ambiguous(obj: st.ObjectPrompt) -> bool:
+    """One point and no box: the object has three ranked candidates to choose from."""
+    return len(obj.points) == 1 and obj.box is None
+
+
+def _boxes(prompted: list[st.ObjectPrompt]) -> list | None:
+    """The prompt's boxes aligned with its objects, or None when no object has one (a points-only call)."""
+    return [obj.box for obj in prompted] if any(obj.box for obj in prompted) else None
+
+
+def _box_text(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
 
 def _replace_key(picture: st.Picture, key: str | None) -> st.Picture:
