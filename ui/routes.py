@@ -3,8 +3,9 @@
 The browser draws every click at once and sends the edits one after another in the order they were
 made; each answer carries the new prompt and ONE small label map at preview size (a PNG of at most
 1024 px) that the browser paints over the picture in the object colours. No route accepts a server path:
-a picture is the request's bytes or an example's index, and everything goes through `LocalBackend`,
-hence through the API's format, pixel, object and point limits.
+a picture is the request's bytes or an example's index, and everything goes through the backend
+(`LocalBackend` in this process, or `RemoteBackend` for `app.py --backend URL`), hence through the API's
+format, pixel, object and point limits.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
 
 from . import state as st
 from .backend import LocalBackend, Preview
+from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore
 
 log = logging.getLogger("ui")
@@ -73,9 +75,15 @@ def _png_b64(labels: np.ndarray) -> str:
 
 
 class PageRoutes:
-    """Handlers as plain functions of a session (`ui.state`), with the engine behind `LocalBackend`."""
+    """Handlers as plain functions of a session (`ui.state`), with the engine behind the backend."""
 
-    def __init__(self, backend: LocalBackend, store: SessionStore, max_body_bytes: int, public_url: str | None = None):
+    def __init__(
+        self,
+        backend: LocalBackend | RemoteBackend,
+        store: SessionStore,
+        max_body_bytes: int,
+        public_url: str | None = None,
+    ):
         self.backend = backend
         self.store = store
         self.max_body_bytes = max_body_bytes
@@ -167,11 +175,16 @@ class PageRoutes:
             reuse=entry.decoded,
         )
         entry.decoded = self.backend.keepable(preview.decoded)
-        decoder = "same prompt, reused" if preview.reused else f"{preview.timings['decoder'] * 1e3:.0f} ms"
+        if preview.reused:
+            decoder = "decoder: same prompt, reused"
+        elif "decoder" in preview.timings:
+            decoder = f"decoder {preview.timings['decoder'] * 1e3:.0f} ms"
+        else:  # a remote backend: the whole call is what this process sees
+            decoder = "remote"
         active_box = session.active_object.box
         boxed = f" · box {_box_text(active_box)}" if active_box else ""
         status = (
-            f"{len(prompted)} object(s){boxed} · decoder {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
+            f"{len(prompted)} object(s){boxed} · {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
             f"{session.model}"
         )
         return preview, status
@@ -405,6 +418,8 @@ def install_page_routes(app, routes: PageRoutes) -> None:
         except ModelUnavailableError as failure:
             model = entry.session.model
             return error(503, failure.message, "model_unavailable", banner=banner(model, failure.message))
+        except BackendError as failure:
+            return error(failure.status, failure.message, failure.code)
         except OverloadedError as failure:
             return error(429, failure.message, "rate_limit_exceeded")
         except SegmentationError as failure:
