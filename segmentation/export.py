@@ -85,6 +85,11 @@ def objects_document(
     return {"model": model, "width": width, "height": height, "objects": items}
 
 
+def _python(value: Any) -> str:
+    """A JSON value written as a Python literal (None, True), for the snippets."""
+    return json.dumps(value).replace("null", "None").replace("true", "True").replace("false", "False")
+
+
 def api_snippets(
     base_url: str,
     model: str,
@@ -106,7 +111,7 @@ def api_snippets(
     point_labels = json.dumps(labels)
     options = ""
     if boxes is not None:
-        options += f"\n        box_prompt={json.dumps(boxes)},"
+        options += f"\n        box_prompt={_python(boxes)},"
     if hq_token_only:
         options += "\n        hq_token_only=True,"
     if candidate:
@@ -120,7 +125,7 @@ def api_snippets(
     if candidate:
         extra["n"] = candidate + 1
     if extra:
-        sdk_extra = f"\n    extra_body={json.dumps(extra).replace('true', 'True').replace('null', 'None')},"
+        sdk_extra = f"\n    extra_body={_python(extra)},"
     return f'''# Our client (pip install httpx pydantic numpy pillow; this repository's segmentation/client.py)
 from segmentation.client import SegmentationClient
 

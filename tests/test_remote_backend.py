@@ -60,7 +60,26 @@ def op(client, sid, **body) -> dict:
     return response.json()
 
 
-def test_the_page_segments_through_the_remote_api_and_holds_no_model(backend, page):
+def run_client_snippet(snippet: str, picture: bytes, folder, expected_png: bytes) -> None:
+    """Run the snippet's first half (our client) as a user would, beside the picture it names."""
+    import os
+
+    from segmentation.masks import decode_png
+
+    ours = snippet.split("# The AI Refinery SDK")[0]
+    name = ours.split('image="', 1)[1].split('"', 1)[0]
+    (folder / name).write_bytes(picture)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        scope: dict = {}
+        exec(compile(ours, "snippet.py", "exec"), scope)
+    finally:
+        os.chdir(here)
+    assert (scope["labels"] == decode_png(expected_png)).all(), "the snippet reproduces the map on screen"
+
+
+def test_the_page_segments_through_the_remote_api_and_holds_no_model(backend, page, tmp_path):
     picture = png_bytes()
     with httpx.Client(base_url=page.url, timeout=120) as client, httpx.Client(base_url=backend.url, timeout=120) as api:
         config = client.post("/ui/session").json()
@@ -99,6 +118,11 @@ def test_the_page_segments_through_the_remote_api_and_holds_no_model(backend, pa
         assert response["data"][0]["b64_json"] == direct["data"][0]["b64_json"]
         assert response["usage"]["input_tokens_details"]["point_tokens"] == 5  # 3 points + a box's 2 corners
         assert client.get(f"/ui/session/{sid}/download/{rev}/cutout.png").status_code == 200
+        snippet = client.get(f"/ui/session/{sid}/download/{rev}/snippet.py").text
+        assert f'SegmentationClient("{backend.url}")' in snippet, "the snippet names the API, not the page"
+        assert "box_prompt=[[40.0, 30.0, 200.0, 150.0], None]," in snippet
+        assert '"box_prompt": [[40.0, 30.0, 200.0, 150.0], None]' in snippet
+        run_client_snippet(snippet, picture, tmp_path, mask.content)
         bad = client.post(f"/ui/session/{sid}/op", json={"op": "box", "x0": 5, "y0": 5, "x1": 5, "y1": 90})
         assert bad.status_code == 400 and "area" in bad.json()["error"]["message"]
     assert page.built == [], "the page process never built a model registry"

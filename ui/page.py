@@ -141,7 +141,8 @@ def mount_page(
         backend or LocalBackend(registry, settings),
         store,
         max_body_bytes=settings.max_body_mb * 2**20,
-        public_url=os.environ.get("SAMHQ_PUBLIC_URL"),
+        # the snippet names the API: with a remote backend, that server (this one serves the page only)
+        public_url=os.environ.get("SAMHQ_PUBLIC_URL") or (backend.url if backend else None),
     )
     install_page_routes(app, routes)
     app.add_middleware(NoGradioUploads)
