@@ -27,12 +27,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 
-from segmentation import export, visualize
+from segmentation import export
 from segmentation.errors import ModelUnavailableError, SegmentationError
 from segmentation.masks import encode_png
 from segmentation.schemas import build_response
 from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
 
+from . import pictures
 from . import state as st
 from .backend import LocalBackend, Preview
 from .remote import BackendError, RemoteBackend
@@ -102,7 +103,7 @@ class PageRoutes:
             "model": model,
             "models": list(self.backend.models),
             "banner": banner(model, reason) if reason else None,
-            "palette": [visualize.hex_color(v) for v in range(1, len(visualize.PALETTE) + 1)],
+            "palette": [pictures.hex_color(v) for v in range(1, len(pictures.PALETTE) + 1)],
             "examples": [{"index": i, "name": p.stem} for i, p in enumerate(example_pictures())],
             "max_mb": self.max_body_bytes // 2**20,
         }
@@ -261,8 +262,8 @@ class PageRoutes:
             path.write_bytes(data or b"")
             source = str(path)
         height, width = rgb.shape[:2]
-        preview = visualize.preview_size(width, height, PREVIEW_SIDE)
-        small = visualize.resize_rgb(rgb, *preview)
+        preview = pictures.preview_size(width, height, PREVIEW_SIDE)
+        small = pictures.resize_rgb(rgb, *preview)
         del rgb
         Image.fromarray(small).save(entry.folder / "preview.jpg", quality=90)
         st.set_picture(
@@ -297,7 +298,7 @@ class PageRoutes:
         if name == "cutout.png" and not path.exists():
             labels = np.asarray(Image.open(folder / "mask.png"))
             rgb = self.backend.prepare(session.model, session.picture.source)
-            Image.fromarray(visualize.cutout(rgb, labels)).save(path)
+            Image.fromarray(pictures.cutout(rgb, labels)).save(path)
             del rgb, labels
             _give_memory_back()
         return path
