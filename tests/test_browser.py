@@ -281,3 +281,36 @@ def test_box_mode_draws_the_active_objects_box_and_exports_it(browser, server, p
     assert all(abs(got - want) <= 1.5 for got, want in zip(drawn, [30, 30, 120, 90])), drawn
     assert not errors, errors
     page.close()
+
+
+def test_a_click_on_a_page_whose_segmentation_is_remote(browser, server, picture_path):
+    """`app.py --backend URL`: the same page, its clicks segmented by the API server (`server`)."""
+    import base64
+
+    import app as app_module
+    from segmentation.settings import Settings
+
+    front = app_module.build_app(Settings(model=HQ_ID, preload_examples=False), backend_url=server.url)
+    with LiveServer(front) as live:
+        page, errors = open_page(browser, live)
+        upload(page, picture_path)
+        click_at(page, 96, 80)
+        wait_painted(page, 1)
+        page.locator("#candidates canvas").nth(2).wait_for()  # three candidates, from n=3
+        assert "remote" in page.locator("#status").inner_text()
+        document = objects_json(page, live)
+        mask = page.request.get(live.url + page.locator("#mask-file a").get_attribute("href")).body()
+        api = page.request.post(
+            server.url + "/v1/images/segmentations",
+            data=json.dumps(
+                {
+                    "model": HQ_ID,
+                    "image_prompt": base64.b64encode(picture_path.read_bytes()).decode(),
+                    "segment_prompt": [document["objects"][0]["points"]],
+                }
+            ),
+            headers={"Content-Type": "application/json"},
+        ).json()
+        assert base64.b64decode(api["data"][0]["b64_json"]) == mask
+        assert not errors, errors
+        page.close()
