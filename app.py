@@ -159,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["SAMHQ_UI_SESSION_TTL"] = str(args.ui_session_ttl)
     if args.backend:  # the page only: no registry, no torch threads, nothing preloaded
         app = build_app(settings, backend_url=args.backend, backend_key=args.backend_key)
-        log.info("segmentation by the remote backend %s", args.backend)
     else:
         fit_cpu_threads(settings.threads)
         registry = ModelRegistry(settings)
@@ -169,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         # gr.Blocks.launch(share=True) would serve its own app without our API routes; instead the
         # tunnel Gradio uses for share links points at this server, UI and API together.
         threading.Thread(target=_open_share_link, args=(args.host, args.port), daemon=True).start()
-    log.info("serving UI and API on http://%s:%d", args.host, args.port)
+    what = "the page (segmentation by the backend)" if args.backend else "UI and API"
+    log.info("serving %s on http://%s:%d", what, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -130,9 +130,12 @@ def test_the_page_segments_through_the_remote_api_and_holds_no_model(backend, pa
 
 def test_remote_failures_become_page_messages(backend):
     secured = app.build_app(Settings(model=HQ_ID, preload_examples=False, device="cpu", api_keys=("right",)))
-    with LiveServer(secured) as keyed:
+    missing = "syscv-community/sam-hq-vit-large"  # not in the test cache (HF_HUB_OFFLINE=1): the remote says 503
+    weightless = app.build_app(Settings(model=missing, preload_examples=False, device="cpu"))
+    with LiveServer(secured) as keyed, LiveServer(weightless) as unavailable:
         for url, key, status, words in [
             (keyed.url, "wrong", 502, "refused this page's key"),
+            (unavailable.url, None, 503, "cannot segment now"),
             (f"http://127.0.0.1:{free_port()}", None, 502, "not reachable"),
         ]:
             front = app.build_app(Settings(model=HQ_ID, preload_examples=False), backend_url=url, backend_key=key)

@@ -107,8 +107,8 @@ def build_blocks(
         with gr.Accordion("How it works", open=False):
             gr.Markdown(
                 "Upload a picture, then **click** on it: each click adds a point and segments at once. "
-                "*Include* points add to the active object, *exclude* points carve it out; **New object** starts "
-                "the next one. The picture is embedded once (seconds on a CPU); clicks after that take a "
+                "*Include* points add to the active object, *exclude* points carve it out; in *Box* mode a drag "
+                "(or two clicks at opposite corners) draws the object's box; **New object** starts the next one. The picture is embedded once (seconds on a CPU); clicks after that take a "
                 "fraction of a second, and clicks made meanwhile are kept and applied in order.\n\n"
                 "**score** is the model's own estimate of the outline's quality (predicted IoU, 0–1); "
                 "**value** is the object's number in `mask.png` (0 = background). The downloads are built at "
