@@ -239,7 +239,9 @@ def test_box_mode_draws_the_active_objects_box_and_exports_it(browser, server, p
     wait_painted(page, 1)
     page.wait_for_function("window.samhq.view.objects[0].box !== null")
     assert "box [" in page.locator("#status").inner_text()
-    assert "[" in page.locator("#legend").inner_text(), "the legend shows the box"
+    assert "▭" in page.locator("#legend").inner_text(), "the legend shows the box"
+    table, holder = page.locator("#legend table").bounding_box(), page.locator("#legend").bounding_box()
+    assert table["x"] + table["width"] <= holder["x"] + holder["width"] + 1, "the legend fits its column"
     page.locator("input[name=samhq-mode][value=exclude]").check()
     click_at(page, 140, 100)
     wait_painted(page, 2)

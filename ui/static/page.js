@@ -360,15 +360,15 @@
     }
     const table = document.createElement("table");
     table.className = "legend";
-    table.innerHTML = "<thead><tr><th>object</th><th title='its value in mask.png'>value</th><th title='the model’s predicted IoU (0–1): how sure it is of this outline'>score</th><th>area</th><th>points</th><th title='the box prompt [x0, y0, x1, y1] in picture pixels'>box</th><th>candidate</th></tr></thead>";
+    table.innerHTML = "<thead><tr><th>object</th><th title='its value in mask.png'>value</th><th title='the model’s predicted IoU (0–1): how sure it is of this outline'>score</th><th>area</th><th title='points, and ▭ when the object has a box (hover for its corners)'>prompt</th><th>candidate</th></tr></thead>";
     const body = document.createElement("tbody");
     for (const obj of view.objects) {
       const row = document.createElement("tr");
       if (obj.number === view.active) row.className = "active";
       const cells = [
         "", obj.value ?? "–", obj.score == null ? "–" : obj.score.toFixed(3),
-        obj.percent == null ? "–" : obj.percent.toFixed(1) + "%", String(obj.points.length),
-        obj.box ? "[" + obj.box.map((v) => Math.round(v)).join(", ") + "]" : "–",
+        obj.percent == null ? "–" : obj.percent.toFixed(1) + "%",
+        obj.box ? (obj.points.length ? obj.points.length + " + ▭" : "▭") : String(obj.points.length),
         obj.candidates > 1 ? (obj.candidate + 1) + " of " + obj.candidates : "–",
       ];
       cells.forEach((text, i) => {
@@ -379,6 +379,7 @@
           swatch.style.background = color(obj.number);
           cell.append(swatch, " Object " + obj.number + (obj.number === view.active ? " (active)" : ""));
         } else cell.textContent = text;
+        if (i === 4 && obj.box) cell.title = "box [" + obj.box.map((v) => Math.round(v)).join(", ") + "]";
         row.append(cell);
       });
       row.addEventListener("click", () => selectObject(obj.number));
