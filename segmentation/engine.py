@@ -345,13 +345,13 @@ class Segmenter:
         *,
         hq_token_only: bool = False,
         reuse: Decoded | None = None,
-        max_batch: int = MAX_DECODE_BATCH,
+        max_batch: int | None = None,
     ) -> Decoded:
         """Run the prompt decoder: every object's ranked candidates, kept on the model's device.
 
         Each object gets the mask official SAM-HQ gives it alone: objects are decoded in groups of
         the same token layout (point count, box or not), never padded to each other, at most
-        `max_batch` objects per decoder call, and put back in the prompt's order.
+        `max_batch` (default MAX_DECODE_BATCH) objects per decoder call, and put back in the prompt's order.
 
         Keep the result to compose other choices of candidates (`compose`) without decoding again;
         pass it back as `reuse` and it is returned as is when it answers the same prompt on the same
@@ -365,7 +365,8 @@ class Segmenter:
             return reuse
         start = time.perf_counter()
         with self._out_of_memory_guard("segmenting"):
-            logits, scores, counts = self._decode_groups(embedding, prompt, hq_token_only, max_batch)
+            batch = MAX_DECODE_BATCH if max_batch is None else max_batch
+            logits, scores, counts = self._decode_groups(embedding, prompt, hq_token_only, batch)
             host_scores = scores.float().cpu().numpy()  # also waits for the device to finish the decode
         return Decoded(
             embedding_key=embedding.key,

@@ -200,8 +200,9 @@ def _how_to_provide(name: str) -> str:
     why = "Offline mode is on (HF_HUB_OFFLINE=1)" if offline else "The Hugging Face hub could not be reached"
     return (
         f"{why} and no copy was found in the cache under {hf_home}. "
-        f"To provide it: run `huggingface-cli download {name}` on a machine with network and copy the cache, "
-        "point HF_HOME at a populated cache, or pass the path of a local folder saved with save_pretrained."
+        f"To provide it: run `hf download {name}` (huggingface_hub's command) on a machine with network and "
+        "copy the cache, point HF_HOME at a populated cache (and set HF_HUB_OFFLINE=1 to skip the hub), "
+        "or pass the path of a local folder saved with save_pretrained."
     )
 
 

@@ -163,7 +163,10 @@ def test_embeddings_without_intermediate_silently_drop_hq_fusion(segmenter, pict
     torch.testing.assert_close(embedding.features.hq_features, expected)
 
 
-def test_more_than_255_objects_give_a_uint16_map(segmenter):
+def test_more_than_255_objects_give_a_uint16_map(segmenter, monkeypatch):
+    from segmentation import engine
+
+    monkeypatch.setattr(engine, "MAX_DECODE_BATCH", 64)  # fewer, larger calls: faster on the tiny test model
     rgb = make_picture(64, 48)
     prompt = [[[float(i % 64), float(i // 64 * 10)]] for i in range(260)]
     embedding = segmenter.embed(rgb)
@@ -338,3 +341,15 @@ def test_label_map_composition_in_chunks_keeps_the_rule(monkeypatch, chunk_objec
     expected = reference_label_map(per_object)
     np.testing.assert_array_equal(composed.numpy(), expected)
     assert 4 not in expected and 5 not in expected and {1, 2, 3} <= set(np.unique(expected))
+
+
+def test_a_kept_decode_is_reused_only_for_the_same_boxes(segmenter, picture):
+    embedding = segmenter.embed(picture)
+    points, labels = [[], [[60, 70]]], [[], [1]]
+    decoded = segmenter.decode(embedding, points, labels, [[10, 10, 200, 150], None])
+    assert segmenter.decode(embedding, points, labels, [[10.0, 10.0, 200.0, 150.0], None], reuse=decoded) is decoded
+    moved = segmenter.decode(embedding, points, labels, [[10, 10, 201, 150], None], reuse=decoded)
+    assert moved is not decoded and not torch.equal(moved.logits[0], decoded.logits[0])
+    assert segmenter.decode(embedding, [[[60, 70]]], reuse=decoded) is not decoded
+    # a box makes a one-point object unambiguous: one candidate, as official decodes it
+    assert segmenter.decode(embedding, [[[60, 70]]], None, [[0, 0, 100, 100]]).counts == (1,)

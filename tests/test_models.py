@@ -29,7 +29,7 @@ def test_absent_catalog_model_fails_with_how_to_provide_it():
     message = str(info.value)
     assert "syscv-community/sam-hq-vit-large" in message
     assert "HF_HUB_OFFLINE" in message and "HF_HOME" in message
-    assert "huggingface-cli download" in message and "local folder" in message
+    assert "hf download" in message and "HF_HUB_OFFLINE=1" in message and "local folder" in message
 
 
 def test_unknown_name_lists_the_catalog():
