@@ -137,6 +137,7 @@
     const context = $("canvas").getContext("2d");
     context.drawImage(image, 0, 0, w, h);
     S.picture = image;
+    S.corner = null;  // a box's first corner belonged to the previous picture
     S.pixels = context.getImageData(0, 0, w, h).data;
     S.labels = null;
     $("stage").classList.add("has-picture");
