@@ -1,6 +1,7 @@
 """SAM-HQ point segmentation: the web page and the HTTP API on one port.
 
     python app.py [--host 0.0.0.0] [--port 7860] [--share] [--model ID] [--models ID,ID] [--device auto]
+    python app.py --backend http://segmentation-api:8000 [--backend-key KEY]   # the page alone, no model here
 
 The entry point. The page lives in the `ui` package (a Gradio 6 shell around a browser canvas, its
 JSON routes under /ui, the typed session state); the HTTP API in `segmentation.api`. No torch code here.
@@ -64,9 +65,24 @@ def preload(registry: ModelRegistry, settings: Settings) -> threading.Thread:
     return thread
 
 
-def build_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
-    """One FastAPI app: the HTTP API under /v1 and /authentication, the Gradio UI at /."""
+def build_app(
+    settings: Settings | None = None,
+    registry: ModelRegistry | None = None,
+    backend_url: str | None = None,
+    backend_key: str | None = None,
+) -> FastAPI:
+    """One FastAPI app: the HTTP API under /v1 and /authentication, the Gradio UI at /.
+
+    With `backend_url`, the page alone, its segmentation done by that remote API: no registry, no
+    model, no local API (the remote server is the API)."""
     settings = settings or Settings.from_env()
+    if backend_url:
+        from ui.remote import RemoteBackend
+
+        app = FastAPI(title="SAM-HQ point segmentation (page)", version="0.1.0")
+        backend = RemoteBackend(backend_url, settings, api_key=backend_key)
+        app.state.backend = backend
+        return mount_page(app, None, settings, backend=backend)
     registry = registry or ModelRegistry(settings)
     app = FastAPI(title="SAM-HQ point segmentation", version="0.1.0")
     install_api(app, registry, settings)
@@ -89,6 +105,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the image encoder at load (SAMHQ_COMPILE)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads; 0 = the usable cores (SAMHQ_THREADS)")
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("SAMHQ_BACKEND_URL") or None,
+        help="segment through this remote API (ours or the Ray Serve app); no model here (SAMHQ_BACKEND_URL)",
+    )
+    parser.add_argument(
+        "--backend-key",
+        default=os.environ.get("SAMHQ_BACKEND_KEY") or None,
+        help="the API key the remote backend expects (SAMHQ_BACKEND_KEY)",
+    )
     parser.add_argument("--ui-sessions", type=int, help="page sessions kept at once (SAMHQ_UI_SESSIONS, 100)")
     parser.add_argument(
         "--ui-session-ttl", type=float, help="idle seconds before a page session ends (SAMHQ_UI_SESSION_TTL)"
@@ -131,15 +157,19 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["SAMHQ_UI_SESSIONS"] = str(args.ui_sessions)
     if args.ui_session_ttl is not None:
         os.environ["SAMHQ_UI_SESSION_TTL"] = str(args.ui_session_ttl)
-    fit_cpu_threads(settings.threads)
-    registry = ModelRegistry(settings)
-    app = build_app(settings, registry)
-    preload(registry, settings)
+    if args.backend:  # the page only: no registry, no torch threads, nothing preloaded
+        app = build_app(settings, backend_url=args.backend, backend_key=args.backend_key)
+    else:
+        fit_cpu_threads(settings.threads)
+        registry = ModelRegistry(settings)
+        app = build_app(settings, registry)
+        preload(registry, settings)
     if args.share:
         # gr.Blocks.launch(share=True) would serve its own app without our API routes; instead the
         # tunnel Gradio uses for share links points at this server, UI and API together.
         threading.Thread(target=_open_share_link, args=(args.host, args.port), daemon=True).start()
-    log.info("serving UI and API on http://%s:%d", args.host, args.port)
+    what = "the page (segmentation by the backend)" if args.backend else "UI and API"
+    log.info("serving %s on http://%s:%d", what, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -63,7 +63,8 @@ def objects_document(
     prompt: Sequence[dict[str, Any]],
     model: str,
 ) -> dict[str, Any]:
-    """Per object: its prompt, score, area, box, COCO RLE and polygons (values as in the label map)."""
+    """Per object: its prompt (points, labels, and its box prompt when it has one), score, area, bbox (of
+    the mask), COCO RLE and polygons (values as in the label map)."""
     height, width = label_map.shape
     items = []
     for obj, spec in zip(objects, prompt):
@@ -73,6 +74,7 @@ def objects_document(
                 "value": obj.value,
                 "points": spec["points"],
                 "labels": spec["labels"],
+                **({"box": spec["box"]} if spec.get("box") is not None else {}),
                 "score": obj.score,
                 "area": obj.area,
                 "bbox": list(obj.bbox) if obj.bbox else None,
@@ -81,6 +83,11 @@ def objects_document(
             }
         )
     return {"model": model, "width": width, "height": height, "objects": items}
+
+
+def _python(value: Any) -> str:
+    """A JSON value written as a Python literal (None, True), for the snippets."""
+    return json.dumps(value).replace("null", "None").replace("true", "True").replace("false", "False")
 
 
 def api_snippets(
@@ -92,23 +99,33 @@ def api_snippets(
     *,
     hq_token_only: bool = False,
     candidate: int = 0,
+    boxes: list | None = None,
 ) -> str:
     """Python for our client and for the AI Refinery SDK, with this prompt and every setting filled in.
 
     `candidate` is the ranked candidate every object takes (the API's i-th map): the call asks for
-    `n = candidate + 1` maps and reads the last, so it reproduces exactly the map shown.
+    `n = candidate + 1` maps and reads the last, so it reproduces exactly the map shown. `boxes`: one
+    `[x0, y0, x1, y1]` or None per object (the API's `box_prompt`), or None when no object has a box.
     """
     prompt = json.dumps(points)
     point_labels = json.dumps(labels)
     options = ""
+    if boxes is not None:
+        options += f"\n        box_prompt={_python(boxes)},"
     if hq_token_only:
         options += "\n        hq_token_only=True,"
     if candidate:
         options += f"\n        n={candidate + 1},"
     sdk_extra = ""
-    if hq_token_only or candidate:
-        extra = {**({"hq_token_only": True} if hq_token_only else {}), **({"n": candidate + 1} if candidate else {})}
-        sdk_extra = f"\n    extra_body={json.dumps(extra).replace('true', 'True')},"
+    extra: dict[str, Any] = {}
+    if boxes is not None:
+        extra["box_prompt"] = boxes
+    if hq_token_only:
+        extra["hq_token_only"] = True
+    if candidate:
+        extra["n"] = candidate + 1
+    if extra:
+        sdk_extra = f"\n    extra_body={_python(extra)},"
     return f'''# Our client (pip install httpx pydantic numpy pillow; this repository's segmentation/client.py)
 from segmentation.client import SegmentationClient
 

@@ -85,10 +85,32 @@ def test_edits_are_plain_functions_of_the_state_and_never_renumber():
     assert session.active_object.choice == 2 and session.rev == rev + 1
     st.add_point(session, 7, 8, True)
     assert session.active_object.choice == 0 and not session.active_object.redo
-    assert session.objects[0].box is None, "room for the engine's box prompts"
+    assert session.objects[0].box is None
     st.clear_all(session)
     assert [o.number for o in session.objects] == [1] and not session.prompted()
     assert len(pickle.dumps(session)) < 2000, "keys and prompts only"
+
+
+def test_a_box_is_an_edit_like_a_point_and_replaces_the_previous_box():
+    session = st.Session(id="s", model="m")
+    session.picture = st.Picture("p", 100, 80, (100, 80), "/nowhere")
+    st.set_box(session, 90, 70, 10, 200)  # corners in any order, clamped to the picture
+    assert session.active_object.box == [10, 70, 90, 80] and session.prompted()
+    st.add_point(session, 50, 75, False)
+    st.set_box(session, 20, 20, 60, 60)
+    st.undo_point(session)  # the newest box goes, the one it replaced comes back
+    assert session.active_object.box == [10, 70, 90, 80] and session.active_object.points == [[50, 75]]
+    st.undo_point(session)
+    st.undo_point(session)
+    assert session.active_object.box is None and not session.prompted()
+    st.redo_point(session)
+    st.redo_point(session)
+    assert session.active_object.box == [10, 70, 90, 80] and session.active_object.points == [[50, 75]]
+    with pytest.raises(ValueError, match="area"):
+        st.set_box(session, 5, 5, 5.5, 40)
+    assert session.active_object.choice == 0
+    st.choose_candidate(session, 2)
+    assert session.active_object.choice == 0, "a box makes the object unambiguous"
 
 
 # ---- the routes ----------------------------------------------------------------------------------
@@ -124,6 +146,37 @@ def test_a_click_answers_one_preview_sized_map_and_downloads_are_the_apis(http):
     assert stale.status_code == 409 and "earlier prompt" in stale.json()["error"]["message"]
     objects = http.get(f"/ui/session/{sid}/download/{view['rev']}/objects.json").json()
     assert objects["width"] == 2000 and objects["objects"][0]["rle"]["size"] == [1250, 2000]
+
+
+def test_a_box_only_object_and_a_box_taken_back_over_the_routes(http):
+    import base64
+
+    picture = png_bytes(seed=6)
+    sid, _ = open_session(http, picture)
+    first = op(http, sid, op="click", x=100, y=80)
+    boxed = op(http, sid, op="box", x0=20, y0=20, x1=180, y1=150)
+    assert boxed["objects"][0]["box"] == [20, 20, 180, 150] and boxed["thumbnails"] == [], "a box: one candidate"
+    undone = op(http, sid, op="undo")
+    assert undone["objects"][0]["box"] is None and undone["map"] == first["map"], "no stale decode reused"
+    op(http, sid, op="new")
+    view = op(http, sid, op="box", x0=200, y0=40, x1=300, y1=190)  # Object 2: a box and no point
+    assert view["objects"][1]["points"] == [] and view["objects"][1]["value"] == 2
+    mask = http.get(f"/ui/session/{sid}/download/{view['rev']}/mask.png").content
+    api = http.post(
+        "/v1/images/segmentations",
+        json={
+            "model": HQ_ID,
+            "image_prompt": base64.b64encode(picture).decode(),
+            "segment_prompt": [[[100, 80]], []],
+            "point_labels": [[1], []],
+            "box_prompt": [None, [200, 40, 300, 190]],
+        },
+    ).json()
+    assert base64.b64decode(api["data"][0]["b64_json"]) == mask
+    response = http.get(f"/ui/session/{sid}/download/{view['rev']}/response.json").json()
+    assert response["usage"]["input_tokens_details"]["point_tokens"] == 3
+    bad = http.post(f"/ui/session/{sid}/op", json={"op": "box", "x0": 10, "y0": 10, "x1": "a", "y1": 5})
+    assert bad.status_code == 400 and "x1 must be a number" in bad.json()["error"]["message"]
 
 
 def test_pictures_pass_the_apis_limits_and_errors_read_well(http, tmp_path):

@@ -218,3 +218,101 @@ def test_offline_first_run_shows_a_banner_and_answers_at_once(browser):
 def _artifact(name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS / name
+
+
+def test_box_mode_draws_the_active_objects_box_and_exports_it(browser, server, picture_path):
+    import base64
+
+    page, errors = open_page(browser, server)
+    upload(page, picture_path)
+    page.locator("input[name=samhq-mode][value=box]").check()
+    box = page.locator("#points").bounding_box()
+
+    def at(x, y):
+        return box["x"] + x * box["width"] / WIDTH, box["y"] + y * box["height"] / HEIGHT
+
+    page.mouse.move(*at(60, 40))
+    page.mouse.down()
+    page.mouse.move(*at(150, 100), steps=4)
+    page.mouse.move(*at(220, 160), steps=4)
+    page.mouse.up()
+    wait_painted(page, 1)
+    page.wait_for_function("window.samhq.view.objects[0].box !== null")
+    assert "box [" in page.locator("#status").inner_text()
+    assert "▭" in page.locator("#legend").inner_text(), "the legend shows the box"
+    table, holder = page.locator("#legend table").bounding_box(), page.locator("#legend").bounding_box()
+    assert table["x"] + table["width"] <= holder["x"] + holder["width"] + 1, "the legend fits its column"
+    page.locator("input[name=samhq-mode][value=exclude]").check()
+    click_at(page, 140, 100)
+    wait_painted(page, 2)
+    document = objects_json(page, server)
+    (obj,) = document["objects"]
+    x0, y0, x1, y1 = obj["box"]
+    assert abs(x0 - 60) <= 2 and abs(y0 - 40) <= 2 and abs(x1 - 220) <= 2 and abs(y1 - 160) <= 2
+    assert [[round(v) for v in p] for p in obj["points"]] == [[140, 100]] and obj["labels"] == [0]
+    mask = page.request.get(server.url + page.locator("#mask-file a").get_attribute("href")).body()
+    api = page.request.post(
+        server.url + "/v1/images/segmentations",
+        data=json.dumps(
+            {
+                "model": HQ_ID,
+                "image_prompt": base64.b64encode(picture_path.read_bytes()).decode(),
+                "segment_prompt": [obj["points"]],
+                "point_labels": [obj["labels"]],
+                "box_prompt": [obj["box"]],
+            }
+        ),
+        headers={"Content-Type": "application/json"},
+    ).json()
+    assert base64.b64decode(api["data"][0]["b64_json"]) == mask, "mask.png is the API's answer for the box prompt"
+    snippet = page.locator("#snippet").inner_text()
+    assert f"box_prompt={json.dumps([obj['box']])}" in snippet and '"box_prompt"' in snippet
+    page.screenshot(path=str(_artifact("browser-box.png")))
+    page.locator("#undo").click()  # the exclude point first
+    page.wait_for_function("!window.samhq.queue.length && window.samhq.view.objects[0].points.length === 0")
+    assert page.evaluate("window.samhq.view.objects[0].box") is not None
+    page.locator("#undo").click()  # then the box
+    page.wait_for_function("!window.samhq.queue.length && window.samhq.view.objects[0].box === null")
+    assert page.locator("#undo").is_disabled()
+    # two clicks (touch, keyboardless pointers) draw a box too
+    page.locator("input[name=samhq-mode][value=box]").check()
+    click_at(page, 30, 30)
+    click_at(page, 120, 90)
+    page.wait_for_function("!window.samhq.queue.length && window.samhq.view.objects[0].box !== null")
+    drawn = page.evaluate("window.samhq.view.objects[0].box")
+    assert all(abs(got - want) <= 1.5 for got, want in zip(drawn, [30, 30, 120, 90])), drawn
+    assert not errors, errors
+    page.close()
+
+
+def test_a_click_on_a_page_whose_segmentation_is_remote(browser, server, picture_path):
+    """`app.py --backend URL`: the same page, its clicks segmented by the API server (`server`)."""
+    import base64
+
+    import app as app_module
+    from segmentation.settings import Settings
+
+    front = app_module.build_app(Settings(model=HQ_ID, preload_examples=False), backend_url=server.url)
+    with LiveServer(front) as live:
+        page, errors = open_page(browser, live)
+        upload(page, picture_path)
+        click_at(page, 96, 80)
+        wait_painted(page, 1)
+        page.locator("#candidates canvas").nth(2).wait_for()  # three candidates, from n=3
+        assert "remote" in page.locator("#status").inner_text()
+        document = objects_json(page, live)
+        mask = page.request.get(live.url + page.locator("#mask-file a").get_attribute("href")).body()
+        api = page.request.post(
+            server.url + "/v1/images/segmentations",
+            data=json.dumps(
+                {
+                    "model": HQ_ID,
+                    "image_prompt": base64.b64encode(picture_path.read_bytes()).decode(),
+                    "segment_prompt": [document["objects"][0]["points"]],
+                }
+            ),
+            headers={"Content-Type": "application/json"},
+        ).json()
+        assert base64.b64decode(api["data"][0]["b64_json"]) == mask
+        assert not errors, errors
+        page.close()

@@ -1,4 +1,4 @@
-"""Rendering and exports checked against independent references (pycocotools, rasterised polygons)."""
+"""The cut-out and exports checked against independent references (pycocotools, rasterised polygons)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from segmentation import export, visualize
+from segmentation import export
+from ui import pictures
 
 
 def _blobs() -> np.ndarray:
@@ -18,46 +19,15 @@ def _blobs() -> np.ndarray:
     return labels
 
 
-def test_overlay_colours_exactly_where_the_label_map_says():
-    rgb = np.full((60, 90, 3), 100, dtype=np.uint8)
-    labels = _blobs()
-    out = visualize.overlay(rgb, labels, opacity=1.0)
-    np.testing.assert_array_equal(out[labels == 0], rgb[labels == 0])
-    assert (out[labels == 1] == visualize.color(1)).all()
-    assert (out[labels == 2] == visualize.color(2)).all()
-    half = visualize.overlay(rgb, labels, opacity=0.5)
-    assert labels[30, 67] == 2  # well inside object 2: tinted half-way; its border is drawn solid
-    assert np.allclose(half[30, 67], (np.array(visualize.color(2)) + 100) / 2, atol=1)
-    assert (half[10, 60] == visualize.color(2)).all()
-
-
-def test_mask_view_cutout_and_thumbnail():
+def test_cutout_keeps_the_picture_where_the_objects_are():
     rgb = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
     labels = _blobs()
-    view = visualize.mask_view(labels)
-    assert (view[labels == 0] == (24, 24, 27)).all() and (view[labels == 1] == visualize.color(1)).all()
-    cut = visualize.cutout(rgb, labels)
+    cut = pictures.cutout(rgb, labels)
     assert cut.shape == (60, 90, 4) and (cut[..., 3] == np.where(labels > 0, 255, 0)).all()
     np.testing.assert_array_equal(cut[..., :3], rgb)
-    assert (visualize.cutout(rgb, labels, value=2)[..., 3] > 0).sum() == (labels == 2).sum()
-    assert max(visualize.thumbnail(rgb, labels, 1, max_side=45).shape[:2]) == 45
-
-
-def test_points_are_drawn_in_object_colours_include_and_exclude_differ():
-    rgb = np.zeros((100, 100, 3), dtype=np.uint8)
-    out = visualize.draw_points(rgb, [([[20, 20]], [1]), ([[70, 70]], [0])], active=0)
-    assert tuple(out[20, 20]) == visualize.color(1)
-    assert tuple(out[70, 70]) != visualize.color(2)  # exclude: dark centre with a white cross
-    ring = out[60:81, 60:81].reshape(-1, 3)
-    assert any(tuple(p) == visualize.color(2) for p in ring)
-
-
-def test_legend_lists_objects_and_escapes_names():
-    html = visualize.legend_html(
-        [{"value": 1, "name": "<b>x</b>", "score": 0.9, "area": 10, "percent": 1.0, "points": 2}], 0
-    )
-    assert "&lt;b&gt;" in html and "0.900" in html and "(active)" in html
-    assert "No objects yet" in visualize.legend_html([])
+    assert (pictures.cutout(rgb, labels, value=2)[..., 3] > 0).sum() == (labels == 2).sum()
+    assert pictures.preview_size(4000, 3000) == (1024, 768) and pictures.preview_size(300, 200) == (300, 200)
+    assert pictures.hex_color(1) == "#e69f00" and pictures.hex_color(len(pictures.PALETTE) + 1) == "#e69f00"
 
 
 def test_rle_matches_pycocotools():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +42,25 @@ class Preview:
     labels: np.ndarray  # (preview height, preview width), values 1..n in prompt order
     objects: tuple[PreviewObject, ...]
     thumbnails: tuple[tuple[np.ndarray, float], ...]  # the active one-point object's candidates (mask, score)
-    decoded: Decoded
+    decoded: Any  # what the backend may reuse on the next call for the same prompt (opaque to the page)
     reused: bool
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FullMap:
+    """The full-size label map of the downloads (the API's map for the same prompt and candidates)."""
+
+    labels: np.ndarray  # (height, width), values 1..n in prompt order
+    objects: tuple[Any, ...]  # per object: value, score, area, bbox (as the API's segments)
+    cached: bool  # the picture's embedding came from the cache
+    image_tokens: int
+    point_tokens: int  # one per point, two per box (as the API counts them)
+
+    @property
+    def score(self) -> float:
+        """Mean predicted IoU of its objects (the API's `score` of a map)."""
+        return float(np.mean([obj.score for obj in self.objects])) if self.objects else 0.0
 
 
 class LocalBackend:
@@ -95,6 +112,11 @@ class LocalBackend:
         """The upright RGB picture, through the same format and pixel limits as the API."""
         return self.segmenter(model).prepare(source)
 
+    def embed(self, model: str, picture: Picture) -> tuple[str, bool]:
+        """Make sure the picture is embedded: (its cache key, whether it was cached already)."""
+        embedding, cached = self.embedding(model, picture)
+        return embedding.key, cached
+
     def embedding(self, model: str, picture: Picture) -> tuple[Embedding, bool]:
         """The picture's embedding: from the cache by key, else computed from its source file."""
         segmenter = self.segmenter(model)
@@ -112,6 +134,7 @@ class LocalBackend:
         labels: list,
         plan: list[int],
         *,
+        boxes: list | None = None,
         hq_only: bool,
         active: int | None,
         reuse: Decoded | None = None,
@@ -123,7 +146,7 @@ class LocalBackend:
         embedding, _ = self.embedding(model, picture)
         settings = self.settings
         prompt = segmenter.parse(
-            embedding, points, labels, max_objects=settings.max_objects, max_points=settings.max_points
+            embedding, points, labels, boxes, max_objects=settings.max_objects, max_points=settings.max_points
         )
         decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only, reuse=reuse)
         reused = decoded is reuse
@@ -169,22 +192,25 @@ class LocalBackend:
         labels: list,
         plan: list[int],
         *,
+        boxes: list | None = None,
         hq_only: bool,
         reuse: Decoded | None = None,
-    ) -> tuple[LabelMap, Embedding, bool]:
+    ) -> FullMap:
         """The full-size label map for downloads (the API's map for the same prompt and candidates)."""
         segmenter = self.segmenter(model)
         embedding, cached = self.embedding(model, picture)
         settings = self.settings
         prompt = segmenter.parse(
-            embedding, points, labels, max_objects=settings.max_objects, max_points=settings.max_points
+            embedding, points, labels, boxes, max_objects=settings.max_objects, max_points=settings.max_points
         )
         decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only, reuse=reuse)
-        result = segmenter.compose(embedding, decoded, choices=[plan])
-        return result.best, embedding, cached
+        best: LabelMap = segmenter.compose(embedding, decoded, choices=[plan]).best
+        return FullMap(best.labels, best.objects, cached, embedding.grid_tokens, prompt.point_count)
 
     @staticmethod
-    def keepable(decoded: Decoded) -> Decoded | None:
+    def keepable(decoded: Decoded | None) -> Decoded | None:
         """A decode small enough to keep in a session (a few objects), else None."""
+        if decoded is None:
+            return None
         size = decoded.logits.element_size() * decoded.logits.nelement()
         return decoded if size <= KEEP_DECODED_BYTES else None

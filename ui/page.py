@@ -23,6 +23,7 @@ from segmentation.settings import Settings
 
 from .backend import LocalBackend
 from .guard import guard_file_inputs
+from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
 from .sessions import SessionStore
 
@@ -89,17 +90,25 @@ def api_segment_function(registry: ModelRegistry) -> Callable[..., dict]:
     return segment
 
 
-def build_blocks(registry: ModelRegistry, settings: Settings, cache_age: int, gpu=lambda fn: fn) -> gr.Blocks:
+def build_blocks(
+    registry: ModelRegistry | None,
+    settings: Settings,
+    cache_age: int,
+    gpu=lambda fn: fn,
+    served_models: tuple[str, ...] | None = None,
+) -> gr.Blocks:
+    """The Gradio shell. Without a registry (the page of a remote backend) there is no `/segment`
+    endpoint: the remote server is the API."""
     html = (STATIC / "page.html").read_text()
     script = (STATIC / "page.js").read_text()
-    served = ", ".join(f"`{name}`" for name in registry.served)
+    served = ", ".join(f"`{name}`" for name in (served_models or registry.served))
     with gr.Blocks(title="SAM-HQ point segmentation", delete_cache=(max(1, cache_age // 4), cache_age)) as demo:
         gr.HTML(html, js_on_load=f"({script})(element);", elem_id="samhq-page", apply_default_css=False)
         with gr.Accordion("How it works", open=False):
             gr.Markdown(
                 "Upload a picture, then **click** on it: each click adds a point and segments at once. "
-                "*Include* points add to the active object, *exclude* points carve it out; **New object** starts "
-                "the next one. The picture is embedded once (seconds on a CPU); clicks after that take a "
+                "*Include* points add to the active object, *exclude* points carve it out; in *Box* mode a drag "
+                "(or two clicks at opposite corners) draws the object's box; **New object** starts the next one. The picture is embedded once (seconds on a CPU); clicks after that take a "
                 "fraction of a second, and clicks made meanwhile are kept and applied in order.\n\n"
                 "**score** is the model's own estimate of the outline's quality (predicted IoU, 0–1); "
                 "**value** is the object's number in `mask.png` (0 = background). The downloads are built at "
@@ -108,27 +117,37 @@ def build_blocks(registry: ModelRegistry, settings: Settings, cache_age: int, gp
                 + ", ".join(f"`{spec.id}` ({spec.encoder})" for spec in CATALOG.values())
                 + f". Served here: {served}."
             )
-        if not settings.api_keys:  # with keys set, Gradio's own endpoint would be a keyless way in
+        if (
+            registry is not None and not settings.api_keys
+        ):  # with keys set, Gradio's own endpoint would be a keyless way in
             gr.api(gpu(api_segment_function(registry)), api_name="segment")
     demo.queue(default_concurrency_limit=2, max_size=settings.max_queue)
     guard_file_inputs(demo, [ASSETS])
     return demo
 
 
-def mount_page(app: FastAPI, registry: ModelRegistry, settings: Settings, gpu=lambda fn: fn) -> FastAPI:
-    """The page's routes under /ui and the Gradio shell at /, on `app` (which already serves the API)."""
+def mount_page(
+    app: FastAPI,
+    registry: ModelRegistry | None,
+    settings: Settings,
+    gpu=lambda fn: fn,
+    backend: RemoteBackend | None = None,
+) -> FastAPI:
+    """The page's routes under /ui and the Gradio shell at /, on `app` (which already serves the API,
+    or, given a remote `backend` and no registry, serves the page alone)."""
     options = page_options()
     store = SessionStore(capacity=options["sessions"], ttl=options["session_ttl"])
     routes = PageRoutes(
-        LocalBackend(registry, settings),
+        backend or LocalBackend(registry, settings),
         store,
         max_body_bytes=settings.max_body_mb * 2**20,
-        public_url=os.environ.get("SAMHQ_PUBLIC_URL"),
+        # the snippet names the API: with a remote backend, that server (this one serves the page only)
+        public_url=os.environ.get("SAMHQ_PUBLIC_URL") or (backend.url if backend else None),
     )
     install_page_routes(app, routes)
     app.add_middleware(NoGradioUploads)
     app.state.page = routes
-    demo = build_blocks(registry, settings, options["cache_age"], gpu)
+    demo = build_blocks(registry, settings, options["cache_age"], gpu, served_models=routes.backend.models)
     return gr.mount_gradio_app(
         app,
         demo,

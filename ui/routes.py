@@ -3,8 +3,9 @@
 The browser draws every click at once and sends the edits one after another in the order they were
 made; each answer carries the new prompt and ONE small label map at preview size (a PNG of at most
 1024 px) that the browser paints over the picture in the object colours. No route accepts a server path:
-a picture is the request's bytes or an example's index, and everything goes through `LocalBackend`,
-hence through the API's format, pixel, object and point limits.
+a picture is the request's bytes or an example's index, and everything goes through the backend
+(`LocalBackend` in this process, or `RemoteBackend` for `app.py --backend URL`), hence through the API's
+format, pixel, object and point limits.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 
-from segmentation import export, visualize
+from segmentation import export
 from segmentation.errors import ModelUnavailableError, SegmentationError
 from segmentation.masks import encode_png
 from segmentation.schemas import build_response
 from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
 
+from . import pictures
 from . import state as st
 from .backend import LocalBackend, Preview
+from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore
 
 log = logging.getLogger("ui")
@@ -73,9 +76,15 @@ def _png_b64(labels: np.ndarray) -> str:
 
 
 class PageRoutes:
-    """Handlers as plain functions of a session (`ui.state`), with the engine behind `LocalBackend`."""
+    """Handlers as plain functions of a session (`ui.state`), with the engine behind the backend."""
 
-    def __init__(self, backend: LocalBackend, store: SessionStore, max_body_bytes: int, public_url: str | None = None):
+    def __init__(
+        self,
+        backend: LocalBackend | RemoteBackend,
+        store: SessionStore,
+        max_body_bytes: int,
+        public_url: str | None = None,
+    ):
         self.backend = backend
         self.store = store
         self.max_body_bytes = max_body_bytes
@@ -94,7 +103,7 @@ class PageRoutes:
             "model": model,
             "models": list(self.backend.models),
             "banner": banner(model, reason) if reason else None,
-            "palette": [visualize.hex_color(v) for v in range(1, len(visualize.PALETTE) + 1)],
+            "palette": [pictures.hex_color(v) for v in range(1, len(pictures.PALETTE) + 1)],
             "examples": [{"index": i, "name": p.stem} for i, p in enumerate(example_pictures())],
             "max_mb": self.max_body_bytes // 2**20,
         }
@@ -112,6 +121,7 @@ class PageRoutes:
                     "number": obj.number,
                     "points": obj.points,
                     "labels": obj.labels,
+                    "box": obj.box,
                     "choice": obj.choice,
                     "value": values.get(obj.number),
                     "score": result.score if result else None,
@@ -151,7 +161,7 @@ class PageRoutes:
             return None, "Upload a picture or pick an example to start."
         prompted = session.prompted()
         if not prompted:
-            return None, "No points yet: click on the picture."
+            return None, "No points yet: click on the picture (or draw a box in Box mode)."
         positions = {obj.number: i for i, obj in enumerate(prompted)}
         active = positions.get(session.active_object.number)
         preview = self.backend.preview(
@@ -160,14 +170,22 @@ class PageRoutes:
             [obj.points for obj in prompted],
             [obj.labels for obj in prompted],
             [obj.choice for obj in prompted],
+            boxes=_boxes(prompted),
             hq_only=session.hq_only,
             active=active,
             reuse=entry.decoded,
         )
         entry.decoded = self.backend.keepable(preview.decoded)
-        decoder = "same prompt, reused" if preview.reused else f"{preview.timings['decoder'] * 1e3:.0f} ms"
+        if preview.reused:
+            decoder = "decoder: same prompt, reused"
+        elif "decoder" in preview.timings:
+            decoder = f"decoder {preview.timings['decoder'] * 1e3:.0f} ms"
+        else:  # a remote backend: the whole call is what this process sees
+            decoder = "remote"
+        active_box = session.active_object.box
+        boxed = f" · box {_box_text(active_box)}" if active_box else ""
         status = (
-            f"{len(prompted)} object(s) · decoder {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
+            f"{len(prompted)} object(s){boxed} · {decoder} · server {preview.timings['page'] * 1e3:.0f} ms · "
             f"{session.model}"
         )
         return preview, status
@@ -180,6 +198,10 @@ class PageRoutes:
             if session.picture is None:
                 raise ValueError("Upload a picture first, or pick one of the examples.")
             st.add_point(session, _number(body, "x"), _number(body, "y"), bool(body.get("include", True)))
+        elif op == "box":
+            if session.picture is None:
+                raise ValueError("Upload a picture first, or pick one of the examples.")
+            st.set_box(session, *(_number(body, name) for name in ("x0", "y0", "x1", "y1")))
         elif op == "undo":
             st.undo_point(session)
         elif op == "redo":
@@ -212,8 +234,8 @@ class PageRoutes:
             raise ValueError(f"Unknown edit {op!r}.")
         if session.picture is not None and session.picture.key is None:
             start = time.perf_counter()
-            embedding, cached = self.backend.embedding(session.model, session.picture)
-            session.picture = _replace_key(session.picture, embedding.key)
+            key, cached = self.backend.embed(session.model, session.picture)
+            session.picture = _replace_key(session.picture, key)
             if op == "embed" or not session.prompted():
                 _give_memory_back()
                 how = "from the cache" if cached else f"computed in {time.perf_counter() - start:.2f} s"
@@ -240,8 +262,8 @@ class PageRoutes:
             path.write_bytes(data or b"")
             source = str(path)
         height, width = rgb.shape[:2]
-        preview = visualize.preview_size(width, height, PREVIEW_SIDE)
-        small = visualize.resize_rgb(rgb, *preview)
+        preview = pictures.preview_size(width, height, PREVIEW_SIDE)
+        small = pictures.resize_rgb(rgb, *preview)
         del rgb
         Image.fromarray(small).save(entry.folder / "preview.jpg", quality=90)
         st.set_picture(
@@ -263,7 +285,7 @@ class PageRoutes:
         if rev != session.rev:
             raise StaleDownload()
         if session.picture is None or not session.prompted():
-            raise ValueError("Nothing to download yet: add at least one point.")
+            raise ValueError("Nothing to download yet: add at least one point or a box.")
         folder = entry.folder / "export"
         marker = folder / "rev"
         if not marker.exists() or marker.read_text() != str(rev):
@@ -276,7 +298,7 @@ class PageRoutes:
         if name == "cutout.png" and not path.exists():
             labels = np.asarray(Image.open(folder / "mask.png"))
             rgb = self.backend.prepare(session.model, session.picture.source)
-            Image.fromarray(visualize.cutout(rgb, labels)).save(path)
+            Image.fromarray(pictures.cutout(rgb, labels)).save(path)
             del rgb, labels
             _give_memory_back()
         return path
@@ -287,11 +309,19 @@ class PageRoutes:
         points = [obj.points for obj in prompted]
         labels = [obj.labels for obj in prompted]
         plan = [obj.choice for obj in prompted]
-        chosen, embedding, cached = self.backend.full(
-            session.model, session.picture, points, labels, plan, hq_only=session.hq_only, reuse=entry.decoded
+        boxes = _boxes(prompted)
+        chosen = self.backend.full(
+            session.model,
+            session.picture,
+            points,
+            labels,
+            plan,
+            boxes=boxes,
+            hq_only=session.hq_only,
+            reuse=entry.decoded,
         )
         (folder / "mask.png").write_bytes(encode_png(chosen.labels))
-        prompt = [{"points": p, "labels": lab} for p, lab in zip(points, labels)]
+        prompt = [{"points": obj.points, "labels": obj.labels, "box": obj.box} for obj in prompted]
         document = export.objects_document(chosen.labels, chosen.objects, prompt, session.model)
         for item, obj in zip(document["objects"], prompted):
             item["name"] = f"Object {obj.number}"
@@ -301,13 +331,13 @@ class PageRoutes:
             width=chosen.labels.shape[1],
             height=chosen.labels.shape[0],
             candidates=(chosen,),
-            embedding_cached=cached,
-            image_tokens=embedding.grid_tokens,
-            point_tokens=sum(len(p) for p in points),
+            embedding_cached=chosen.cached,
+            image_tokens=chosen.image_tokens,
+            point_tokens=chosen.point_tokens,
         )
         (folder / "response.json").write_text(build_response(summary).model_dump_json(indent=1))
         # the API's i-th map gives every object its i-th candidate: one shared choice is reproducible exactly
-        singles = {obj.choice for obj in prompted if len(obj.points) == 1}
+        singles = {obj.choice for obj in prompted if _ambiguous(obj)}
         candidate = singles.pop() if len(singles) == 1 else 0
         snippet = export.api_snippets(
             self.public_url or base_url,
@@ -317,8 +347,9 @@ class PageRoutes:
             session.picture.name,
             hq_token_only=session.hq_only,
             candidate=candidate,
+            boxes=boxes,
         )
-        if len(set(plan)) > 1 and any(len(obj.points) == 1 and obj.choice != candidate for obj in prompted):
+        if any(_ambiguous(obj) and obj.choice != candidate for obj in prompted):
             snippet = (
                 "# Note: the objects here use different candidate ranks; the API's n-th map gives every object\n"
                 "# the same rank, so this call reproduces the map with each object's first candidate.\n" + snippet
@@ -328,6 +359,20 @@ class PageRoutes:
 
 class StaleDownload(Exception):
     pass
+
+
+def _ambiguous(obj: st.ObjectPrompt) -> bool:
+    """One point and no box: the object has three ranked candidates to choose from."""
+    return len(obj.points) == 1 and obj.box is None
+
+
+def _boxes(prompted: list[st.ObjectPrompt]) -> list | None:
+    """The prompt's boxes aligned with its objects, or None when no object has one (a points-only call)."""
+    return [obj.box for obj in prompted] if any(obj.box for obj in prompted) else None
+
+
+def _box_text(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
 
 def _replace_key(picture: st.Picture, key: str | None) -> st.Picture:
@@ -374,6 +419,8 @@ def install_page_routes(app, routes: PageRoutes) -> None:
         except ModelUnavailableError as failure:
             model = entry.session.model
             return error(503, failure.message, "model_unavailable", banner=banner(model, failure.message))
+        except BackendError as failure:
+            return error(failure.status, failure.message, failure.code)
         except OverloadedError as failure:
             return error(429, failure.message, "rate_limit_exceeded")
         except SegmentationError as failure:

@@ -18,8 +18,11 @@ class ObjectPrompt:
     points: list[list[float]] = field(default_factory=list)  # picture pixels [x, y]
     labels: list[int] = field(default_factory=list)  # 1 include, 0 exclude
     choice: int = 0  # the chosen candidate (0-2) while the object has one point
-    box: list[float] | None = None  # [x0, y0, x1, y1]: reserved for the engine's box prompts
-    redo: list[tuple[list[float], int]] = field(default_factory=list)  # points undone, last first out
+    box: list[float] | None = None  # [x0, y0, x1, y1] in picture pixels, drawn in Box mode
+    # the object's edits in order, so undo takes back the last one whatever its kind: ("point",) or
+    # ("box", the box it replaced); redo holds what undo took: ("point", point, label) or ("box", box)
+    edits: list[tuple] = field(default_factory=list)
+    redo: list[tuple] = field(default_factory=list)
 
     @property
     def prompted(self) -> bool:
@@ -70,27 +73,58 @@ def add_point(session: Session, x: float, y: float, include: bool) -> Session:
     obj.points.append([round(float(x), 2), round(float(y), 2)])
     obj.labels.append(1 if include else 0)
     obj.choice = 0  # a new point changes the candidates
+    obj.edits.append(("point",))
+    obj.redo.clear()
+    return changed(session)
+
+
+def set_box(session: Session, x0: float, y0: float, x1: float, y1: float) -> Session:
+    """A drag in Box mode: the active object's box (replacing its previous one), corners in either order,
+    clamped to the picture. A box with no area is refused: it would be a click, not a box."""
+    picture = session.picture
+    xs, ys = sorted((float(x0), float(x1))), sorted((float(y0), float(y1)))
+    if picture is not None:
+        xs = [min(max(x, 0.0), float(picture.width)) for x in xs]
+        ys = [min(max(y, 0.0), float(picture.height)) for y in ys]
+    box = [round(xs[0], 2), round(ys[0], 2), round(xs[1], 2), round(ys[1], 2)]
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        raise ValueError("A box needs an area: drag across the object, or click two opposite corners.")
+    obj = session.active_object
+    obj.edits.append(("box", obj.box))
+    obj.box = box
+    obj.choice = 0  # a box makes the object unambiguous: one candidate
     obj.redo.clear()
     return changed(session)
 
 
 def undo_point(session: Session) -> Session:
-    """Remove the last point of the active object (redo brings it back). Other objects are untouched."""
+    """Take back the last edit of the active object (a point, or its box: the previous box returns);
+    redo brings it back. Other objects are untouched."""
     obj = session.active_object
-    if obj.points:
-        obj.redo.append((obj.points.pop(), obj.labels.pop()))
-        del obj.redo[:-MAX_UNDO]
-        obj.choice = 0
-        changed(session)
-    return session
+    if not obj.edits:
+        return session
+    edit = obj.edits.pop()
+    if edit[0] == "box":
+        obj.redo.append(("box", obj.box))
+        obj.box = edit[1]
+    else:
+        obj.redo.append(("point", obj.points.pop(), obj.labels.pop()))
+    del obj.redo[:-MAX_UNDO]
+    obj.choice = 0
+    return changed(session)
 
 
 def redo_point(session: Session) -> Session:
     obj = session.active_object
     if obj.redo:
-        point, label = obj.redo.pop()
-        obj.points.append(point)
-        obj.labels.append(label)
+        edit = obj.redo.pop()
+        if edit[0] == "box":
+            obj.edits.append(("box", obj.box))
+            obj.box = edit[1]
+        else:
+            obj.points.append(edit[1])
+            obj.labels.append(edit[2])
+            obj.edits.append(("point",))
         obj.choice = 0
         changed(session)
     return session
@@ -125,7 +159,7 @@ def select_object(session: Session, number: int) -> Session:
 
 def choose_candidate(session: Session, index: int) -> Session:
     obj = session.active_object
-    if len(obj.points) == 1 and 0 <= int(index) <= 2 and obj.choice != int(index):
+    if len(obj.points) == 1 and obj.box is None and 0 <= int(index) <= 2 and obj.choice != int(index):
         obj.choice = int(index)
         changed(session)
     return session

@@ -5,6 +5,7 @@
   const S = {
     session: null, palette: [], view: null, queue: [], busy: false, picture: null, pixels: null,
     opacity: 0.5, mode: "include", viewMode: "overlay", labels: null, clicks: 0, localActive: 1,
+    drag: null, corner: null,  // Box mode: the box being dragged, or the first corner of a two-click box
   };
   window.samhq = S;
   S.timings = [];
@@ -49,6 +50,8 @@
 
   // ---- the queue: every edit in order, one request at a time -----------------------------------
   function enqueue(item) {
+    // an edit makes the offered downloads stale at once, before its answer comes back
+    if (!["export", "embed", "select"].includes(item.op)) clearDownloads();
     S.queue.push(item);
     drawPoints();
     pump();
@@ -99,7 +102,7 @@
     S.view = view;
     if (view.rev !== previousRev) clearDownloads();
     if (view.status) setStatus(view.status, false);
-    if (item && item.op === "click") S.clicks += 1;
+    if (item && (item.op === "click" || item.op === "box")) S.clicks += 1;
     renderTools();
     renderLegend();
     renderCandidates();
@@ -134,6 +137,7 @@
     const context = $("canvas").getContext("2d");
     context.drawImage(image, 0, 0, w, h);
     S.picture = image;
+    S.corner = null;  // a box's first corner belonged to the previous picture
     S.pixels = context.getImageData(0, 0, w, h).data;
     S.labels = null;
     $("stage").classList.add("has-picture");
@@ -225,16 +229,86 @@
         context.stroke();
       }
     };
+    const rectangle = (box, number, active, dashed) => {
+      const [x0, y0, x1, y1] = box.map((v) => v * scale);
+      context.save();
+      context.lineWidth = active ? 3 : 2;
+      context.setLineDash(dashed ? [6, 4] : []);
+      context.strokeStyle = "#ffffff";
+      context.strokeRect(x0, y0, x1 - x0, y1 - y0);
+      context.lineWidth = active ? 2 : 1;
+      context.strokeStyle = color(number);
+      context.strokeRect(x0, y0, x1 - x0, y1 - y0);
+      context.restore();
+    };
+    // an object's box as drawn, the newest queued one replacing what the server knows
+    const boxes = new Map(S.view.objects.filter((o) => o.box).map((o) => [o.number, o.box]));
+    for (const item of S.queue) if (item.op === "box") boxes.set(item.local, [item.x0, item.y0, item.x1, item.y1]);
+    for (const [number, box] of boxes) rectangle(box, number, number === S.view.active, false);
     for (const obj of S.view.objects) {
       obj.points.forEach(([x, y], i) => dot(x, y, obj.labels[i] === 1, obj.number, obj.number === S.view.active));
     }
     for (const item of S.queue) {
       if (item.op === "click") dot(item.x, item.y, item.include, item.local, true);
     }
+    if (S.drag && S.drag.moved) rectangle([S.drag.x0, S.drag.y0, S.drag.x1, S.drag.y1].map(Number), predictedActive(), true, true);
+    if (S.corner) dot(S.corner.x, S.corner.y, true, predictedActive(), true);
+  }
+
+  // ---- Box mode: a drag, or two clicks at opposite corners ---------------------------------------
+  function picturePoint(event) {
+    const rect = $("points").getBoundingClientRect();
+    const { width, height } = S.view.picture;
+    return {
+      x: Math.round(Math.min(Math.max(((event.clientX - rect.left) / rect.width) * width, 0), width) * 100) / 100,
+      y: Math.round(Math.min(Math.max(((event.clientY - rect.top) / rect.height) * height, 0), height) * 100) / 100,
+    };
+  }
+
+  function sendBox(a, b, at) {
+    const box = { x0: Math.min(a.x, b.x), y0: Math.min(a.y, b.y), x1: Math.max(a.x, b.x), y1: Math.max(a.y, b.y) };
+    if (box.x1 - box.x0 < 1 || box.y1 - box.y0 < 1) return false;
+    enqueue({ op: "box", ...box, local: predictedActive(), clickAt: at });
+    return true;
+  }
+
+  function onPointerDown(event) {
+    if (S.mode !== "box" || !S.view || !S.view.picture || event.button !== 0) return;
+    event.preventDefault();
+    $("points").setPointerCapture(event.pointerId);
+    const p = picturePoint(event);
+    S.drag = { x0: p.x, y0: p.y, x1: p.x, y1: p.y, sx: event.clientX, sy: event.clientY, moved: false };
+  }
+
+  function onPointerMove(event) {
+    if (!S.drag) return;
+    const p = picturePoint(event);
+    S.drag.x1 = p.x; S.drag.y1 = p.y;
+    if (Math.abs(event.clientX - S.drag.sx) + Math.abs(event.clientY - S.drag.sy) > 4) S.drag.moved = true;
+    drawPoints();
+  }
+
+  function onPointerUp(event) {
+    if (!S.drag) return;
+    const drag = S.drag;
+    S.drag = null;
+    const end = picturePoint(event);
+    if (drag.moved) {
+      S.corner = null;
+      if (!sendBox({ x: drag.x0, y: drag.y0 }, end, event.timeStamp)) setStatus("A box needs an area: drag across the object.", true);
+    } else if (!S.corner) {
+      S.corner = end;  // a tap: the first corner; the next tap closes the box
+      setStatus("Box: now click the opposite corner.");
+    } else {
+      const first = S.corner;
+      S.corner = null;
+      if (!sendBox(first, end, event.timeStamp)) setStatus("A box needs an area: click two opposite corners.", true);
+    }
+    drawPoints();
   }
 
   function onCanvasClick(event) {
-    if (!S.view || !S.view.picture) return;
+    if (!S.view || !S.view.picture || S.mode === "box") return;
     const clickAt = event.timeStamp;
     const rect = $("points").getBoundingClientRect();
     const { width, height } = S.view.picture;
@@ -252,7 +326,7 @@
     let next = S.view.next_number || Math.max(...S.view.objects.map((o) => o.number)) + 1;
     let hasPoints = S.view.objects.some((o) => o.number === active && o.points.length);
     for (const item of S.queue) {
-      if (item.op === "click") hasPoints = true;
+      if (item.op === "click" || item.op === "box") hasPoints = true;
       if (item.op === "new" && hasPoints) { active = next; next += 1; hasPoints = false; }
       if (item.op === "select") active = item.number;
     }
@@ -272,7 +346,7 @@
       select.append(option);
     }
     const active = view.objects.find((o) => o.number === view.active);
-    $("undo").disabled = !active || !active.points.length;
+    $("undo").disabled = !active || (!active.points.length && !active.box);
     $("redo").disabled = !active || !active.can_redo;
     $("hq-only").checked = view.hq_only;
     if (view.model && $("model").value !== view.model) $("model").value = view.model;
@@ -281,20 +355,21 @@
   function renderLegend() {
     const view = S.view;
     const legend = $("legend");
-    if (!view.objects.some((o) => o.points.length)) {
+    if (!view.objects.some((o) => o.points.length || o.box)) {
       legend.innerHTML = "<p class='legend-empty'>No objects yet: click on the picture to add a point.</p>";
       return;
     }
     const table = document.createElement("table");
     table.className = "legend";
-    table.innerHTML = "<thead><tr><th>object</th><th title='its value in mask.png'>value</th><th title='the model’s predicted IoU (0–1): how sure it is of this outline'>score</th><th>area</th><th>points</th><th>candidate</th></tr></thead>";
+    table.innerHTML = "<thead><tr><th>object</th><th title='its value in mask.png'>value</th><th title='the model’s predicted IoU (0–1): how sure it is of this outline'>score</th><th>area</th><th title='points, and ▭ when the object has a box (hover for its corners)'>prompt</th><th>candidate</th></tr></thead>";
     const body = document.createElement("tbody");
     for (const obj of view.objects) {
       const row = document.createElement("tr");
       if (obj.number === view.active) row.className = "active";
       const cells = [
         "", obj.value ?? "–", obj.score == null ? "–" : obj.score.toFixed(3),
-        obj.percent == null ? "–" : obj.percent.toFixed(1) + "%", String(obj.points.length),
+        obj.percent == null ? "–" : obj.percent.toFixed(1) + "%",
+        obj.box ? (obj.points.length ? obj.points.length + " + ▭" : "▭") : String(obj.points.length),
         obj.candidates > 1 ? (obj.candidate + 1) + " of " + obj.candidates : "–",
       ];
       cells.forEach((text, i) => {
@@ -305,6 +380,7 @@
           swatch.style.background = color(obj.number);
           cell.append(swatch, " Object " + obj.number + (obj.number === view.active ? " (active)" : ""));
         } else cell.textContent = text;
+        if (i === 4 && obj.box) cell.title = "box [" + obj.box.map((v) => Math.round(v)).join(", ") + "]";
         row.append(cell);
       });
       row.addEventListener("click", () => selectObject(obj.number));
@@ -348,7 +424,9 @@
   }
 
   function selectObject(number) {
+    S.corner = null;
     S.mode = "include";  // a new or other object starts with include points
+    $("stage").classList.remove("box-mode");
     root.querySelector("input[name=samhq-mode][value=include]").checked = true;
     enqueue({ op: "select", number });
   }
@@ -363,8 +441,8 @@
   }
 
   async function prepareDownloads() {
-    if (!S.view || !S.view.objects.some((o) => o.points.length)) {
-      setStatus("Nothing to export yet: add at least one point.", true);
+    if (!S.view || !S.view.objects.some((o) => o.points.length || o.box)) {
+      setStatus("Nothing to export yet: add at least one point or a box.", true);
       return;
     }
     const base = "/ui/session/" + S.session + "/download/" + S.view.rev + "/";
@@ -419,6 +497,10 @@
   }
 
   $("points").addEventListener("click", onCanvasClick);
+  $("points").addEventListener("pointerdown", onPointerDown);
+  $("points").addEventListener("pointermove", onPointerMove);
+  $("points").addEventListener("pointerup", onPointerUp);
+  $("points").addEventListener("pointercancel", () => { S.drag = null; drawPoints(); });
   $("file").addEventListener("change", (e) => { upload(e.target.files[0]); e.target.value = ""; });
   const stage = $("stage");
   stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("dragging"); });
@@ -428,10 +510,14 @@
     const file = [...(e.clipboardData ? e.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
     if (file) upload(file);
   });
-  root.querySelectorAll("input[name=samhq-mode]").forEach((input) => input.addEventListener("change", () => { S.mode = input.value; }));
+  root.querySelectorAll("input[name=samhq-mode]").forEach((input) => input.addEventListener("change", () => {
+    S.mode = input.value; S.corner = null; $("stage").classList.toggle("box-mode", S.mode === "box"); drawPoints();
+  }));
   root.querySelectorAll("input[name=samhq-view]").forEach((input) => input.addEventListener("change", () => { S.viewMode = input.value; paintOverlay(); }));
   $("new-object").addEventListener("click", () => {
+    S.corner = null;
     S.mode = "include";
+    $("stage").classList.remove("box-mode");
     root.querySelector("input[name=samhq-mode][value=include]").checked = true;
     enqueue({ op: "new" });
   });

@@ -1,0 +1,157 @@
+"""`app.py --backend URL`: the page served by a process with no model, its segmentation done by a real
+API server (a live uvicorn server on the tiny checkpoint), driven over raw HTTP like the browser does."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+from conftest import HQ_ID, make_picture
+from live_server import LiveServer, free_port
+from PIL import Image
+
+import app
+from segmentation import service
+from segmentation.settings import Settings
+
+WIDTH, HEIGHT = 320, 200
+
+
+def png_bytes(seed=5) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(make_picture(WIDTH, HEIGHT, seed=seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    application = app.build_app(Settings(model=HQ_ID, preload_examples=False, device="cpu"))
+    application.state.registry.get()  # loaded before the page starts: any later load is the page's
+    with LiveServer(application) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def page(backend):
+    """The page process: built while model construction is forbidden in this process."""
+    built: list[str] = []
+    original = service.ModelRegistry.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append("registry")
+        original(self, *args, **kwargs)
+
+    service.ModelRegistry.__init__ = spy
+    try:
+        application = app.build_app(Settings(model=HQ_ID, preload_examples=False), backend_url=backend.url)
+        assert not hasattr(application.state, "registry")
+        with LiveServer(application) as live:
+            live.built = built
+            yield live
+    finally:
+        service.ModelRegistry.__init__ = original
+
+
+def op(client, sid, **body) -> dict:
+    response = client.post(f"/ui/session/{sid}/op", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def run_client_snippet(snippet: str, picture: bytes, folder, expected_png: bytes) -> None:
+    """Run the snippet's first half (our client) as a user would, beside the picture it names."""
+    import os
+
+    from segmentation.masks import decode_png
+
+    ours = snippet.split("# The AI Refinery SDK")[0]
+    name = ours.split('image="', 1)[1].split('"', 1)[0]
+    (folder / name).write_bytes(picture)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        scope: dict = {}
+        exec(compile(ours, "snippet.py", "exec"), scope)
+    finally:
+        os.chdir(here)
+    assert (scope["labels"] == decode_png(expected_png)).all(), "the snippet reproduces the map on screen"
+
+
+def test_the_page_segments_through_the_remote_api_and_holds_no_model(backend, page, tmp_path):
+    picture = png_bytes()
+    with httpx.Client(base_url=page.url, timeout=120) as client, httpx.Client(base_url=backend.url, timeout=120) as api:
+        config = client.post("/ui/session").json()
+        assert config["models"] == [HQ_ID] and config["banner"] is None
+        sid = config["session"]
+        assert client.post(f"/ui/session/{sid}/picture", content=picture).status_code == 200
+        assert op(client, sid, op="embed")["picture"]["embedded"]
+        view = op(client, sid, op="click", x=100, y=80, include=True)
+        assert view["map"] and len(view["thumbnails"]) == 3, "a one-point object's candidates via n=3"
+        op(client, sid, op="choose", candidate=1)
+        op(client, sid, op="box", x0=40, y0=30, x1=200, y1=150)
+        op(client, sid, op="new")
+        view = op(client, sid, op="click", x=260, y=160, include=True)
+        view = op(client, sid, op="click", x=250, y=40, include=False)
+        preview = Image.open(io.BytesIO(base64.b64decode(view["map"])))
+        assert preview.size == tuple(view["picture"]["preview"])
+        rev = view["rev"]
+        mask = client.get(f"/ui/session/{sid}/download/{rev}/mask.png")
+        assert mask.status_code == 200, mask.text
+        document = client.get(f"/ui/session/{sid}/download/{rev}/objects.json").json()
+        objects = document["objects"]
+        assert objects[0]["box"] == [40, 30, 200, 150] and "box" not in objects[1]
+        direct = api.post(
+            "/v1/images/segmentations",
+            json={
+                "model": HQ_ID,
+                "image_prompt": base64.b64encode(picture).decode(),
+                "segment_prompt": [o["points"] for o in objects],
+                "point_labels": [o["labels"] for o in objects],
+                "box_prompt": [o.get("box") for o in objects],
+            },
+        ).json()
+        assert base64.b64decode(direct["data"][0]["b64_json"]) == mask.content, "the remote API's bytes"
+        assert direct["usage"]["input_tokens_details"]["cached_tokens"] > 0, "the remote embedded it once"
+        response = client.get(f"/ui/session/{sid}/download/{rev}/response.json").json()
+        assert response["data"][0]["b64_json"] == direct["data"][0]["b64_json"]
+        assert response["usage"]["input_tokens_details"]["point_tokens"] == 5  # 3 points + a box's 2 corners
+        assert client.get(f"/ui/session/{sid}/download/{rev}/cutout.png").status_code == 200
+        snippet = client.get(f"/ui/session/{sid}/download/{rev}/snippet.py").text
+        assert f'SegmentationClient("{backend.url}")' in snippet, "the snippet names the API, not the page"
+        assert "box_prompt=[[40.0, 30.0, 200.0, 150.0], None]," in snippet
+        assert '"box_prompt": [[40.0, 30.0, 200.0, 150.0], None]' in snippet
+        run_client_snippet(snippet, picture, tmp_path, mask.content)
+        bad = client.post(f"/ui/session/{sid}/op", json={"op": "box", "x0": 5, "y0": 5, "x1": 5, "y1": 90})
+        assert bad.status_code == 400 and "area" in bad.json()["error"]["message"]
+    assert page.built == [], "the page process never built a model registry"
+
+
+def test_remote_failures_become_page_messages(backend):
+    secured = app.build_app(Settings(model=HQ_ID, preload_examples=False, device="cpu", api_keys=("right",)))
+    missing = "syscv-community/sam-hq-vit-large"  # not in the test cache (HF_HUB_OFFLINE=1): the remote says 503
+    weightless = app.build_app(Settings(model=missing, preload_examples=False, device="cpu"))
+    with LiveServer(secured) as keyed, LiveServer(weightless) as unavailable:
+        for url, key, status, words in [
+            (keyed.url, "wrong", 502, "refused this page's key"),
+            (unavailable.url, None, 503, "cannot segment now"),
+            (f"http://127.0.0.1:{free_port()}", None, 502, "not reachable"),
+        ]:
+            front = app.build_app(Settings(model=HQ_ID, preload_examples=False), backend_url=url, backend_key=key)
+            with LiveServer(front) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+                sid = client.post("/ui/session").json()["session"]
+                assert client.post(f"/ui/session/{sid}/picture", content=png_bytes()).status_code == 200
+                answer = client.post(f"/ui/session/{sid}/op", json={"op": "embed"})
+                assert answer.status_code == status, answer.text
+                assert words in answer.json()["error"]["message"]
+                assert "Traceback" not in answer.text
+
+
+def test_backend_flags_and_environment(monkeypatch):
+    monkeypatch.setenv("SAMHQ_BACKEND_URL", "http://api.internal:8000")
+    monkeypatch.setenv("SAMHQ_BACKEND_KEY", "k1")
+    args = app.parse_args([])
+    assert (args.backend, args.backend_key) == ("http://api.internal:8000", "k1")
+    args = app.parse_args(["--backend", "http://other:1", "--backend-key", "k2"])
+    assert (args.backend, args.backend_key) == ("http://other:1", "k2")
