@@ -148,6 +148,17 @@ def test_a_click_answers_one_preview_sized_map_and_downloads_are_the_apis(http):
     assert objects["width"] == 2000 and objects["objects"][0]["rle"]["size"] == [1250, 2000]
 
 
+def test_a_download_costs_what_the_api_may_and_no_more():
+    """The full-size map of a download passes the API's work limit (objects × maps × megapixels)."""
+    with LiveServer(build(max_work_mp=2)) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        sid, _ = open_session(client, png_bytes(2000, 1250, seed=5))  # 2.5 megapixels
+        view = op(client, sid, op="click", x=600, y=500)
+        refused = client.get(f"/ui/session/{sid}/download/{view['rev']}/mask.png")
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_much_work"
+        assert "object-megapixels" in refused.json()["error"]["message"]
+        assert op(client, sid, op="click", x=700, y=520)["map"], "the session still works at preview size"
+
+
 def test_a_box_only_object_and_a_box_taken_back_over_the_routes(http):
     import base64
 

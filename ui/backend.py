@@ -144,10 +144,7 @@ class LocalBackend:
         start = time.perf_counter()
         segmenter = self.segmenter(model)
         embedding, _ = self.embedding(model, picture)
-        settings = self.settings
-        prompt = segmenter.parse(
-            embedding, points, labels, boxes, max_objects=settings.max_objects, max_points=settings.max_points
-        )
+        prompt = self._parse(segmenter, embedding, points, labels, boxes)
         decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only, reuse=reuse)
         reused = decoded is reuse
         if not reused:
@@ -199,13 +196,19 @@ class LocalBackend:
         """The full-size label map for downloads (the API's map for the same prompt and candidates)."""
         segmenter = self.segmenter(model)
         embedding, cached = self.embedding(model, picture)
-        settings = self.settings
-        prompt = segmenter.parse(
-            embedding, points, labels, boxes, max_objects=settings.max_objects, max_points=settings.max_points
-        )
+        prompt = self._parse(segmenter, embedding, points, labels, boxes)
+        # the one full-size map of a download costs what an API request for it would: the same work limit
+        self.registry.limits.check_work(len(prompt), 1, embedding.width, embedding.height)
         decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only, reuse=reuse)
         best: LabelMap = segmenter.compose(embedding, decoded, choices=[plan]).best
         return FullMap(best.labels, best.objects, cached, embedding.grid_tokens, prompt.point_count)
+
+    def _parse(self, segmenter: Segmenter, embedding: Embedding, points: list, labels: list, boxes: list | None):
+        """The prompt through the API's object and point limits (`registry.limits`, the one place)."""
+        limits = self.registry.limits
+        return segmenter.parse(
+            embedding, points, labels, boxes, max_objects=limits.max_objects, max_points=limits.max_points
+        )
 
     @staticmethod
     def keepable(decoded: Decoded | None) -> Decoded | None:
