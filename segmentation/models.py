@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from .errors import ModelUnavailableError, UnknownModelError
 
@@ -194,6 +196,20 @@ class LoadedModel:
         return self.spec.id
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` s (False in offline mode)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _how_to_provide(name: str) -> str:
     hf_home = os.environ.get("HF_HOME") or "~/.cache/huggingface"
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
@@ -215,9 +231,12 @@ def load_model(name: str, device: str = "cpu", dtype=None) -> LoadedModel:
     torch_device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = dtype or torch.float32
     model_class = SamHQModel if spec.family == "sam_hq" else SamModel
+    # With the hub out of reach, huggingface_hub retries each file with back-off (~40 s) before it
+    # looks in the cache: use the cache alone at once instead, so an offline first run fails fast.
+    cache_only = not Path(name).expanduser().is_dir() and not hub_reachable()
     try:
-        model = model_class.from_pretrained(name, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(name)
+        model = model_class.from_pretrained(name, dtype=torch_dtype, local_files_only=cache_only)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=cache_only)
     except OSError as error:
         is_local = Path(name).expanduser().is_dir()
         detail = (str(error).splitlines()[0] if str(error) else type(error).__name__).rstrip(". ")

@@ -32,6 +32,55 @@ def test_absent_catalog_model_fails_with_how_to_provide_it():
     assert "hf download" in message and "HF_HUB_OFFLINE=1" in message and "local folder" in message
 
 
+FIRST_RUN_WITHOUT_HUB = """
+import sys, time
+from transformers import AutoProcessor, SamHQModel  # imported before the clock starts: slow on a loaded machine
+from segmentation.models import load_model
+from segmentation.errors import ModelUnavailableError
+start = time.perf_counter()
+try:
+    load_model(sys.argv[1])
+except ModelUnavailableError as error:
+    print(f"{time.perf_counter() - start:.2f}")
+    print(error.message)
+"""
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_first_run_with_the_hub_out_of_reach_answers_at_once_from_the_cache(hf_home, tmp_path, cached):
+    """Not in offline mode, the hub unreachable (a closed loopback port): the cache answers at once,
+    where huggingface_hub alone would retry each file for ~40 s before giving up."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from live_server import free_port
+
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "HF_HOME": str(hf_home if cached else tmp_path),
+    }
+    script = FIRST_RUN_WITHOUT_HUB + ("print('loaded')" if cached else "")
+    out = subprocess.run(
+        [sys.executable, "-c", script, HQ_ID],
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = out.stdout.splitlines()
+    if cached:
+        assert lines == ["loaded"], out.stderr[-2000:]
+        return
+    seconds, message = float(lines[0]), "\n".join(lines[1:])
+    assert seconds < 10, f"took {seconds} s: the hub's retries were not skipped"
+    assert "could not be reached" in message and f"hf download {HQ_ID}" in message
+    assert "Retrying" not in out.stderr
+
+
 def test_unknown_name_lists_the_catalog():
     with pytest.raises(UnknownModelError, match="Supported models: syscv-community/sam-hq-vit-base"):
         resolve_spec("someone/else")
