@@ -59,7 +59,8 @@ def main() -> None:
     settings: list[int | None] = [None, *args.chunks]
     times: dict = {setting: [] for setting in settings}
     peaks: dict = {setting: [] for setting in settings}
-    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.shape}")
+    threads = torch.get_num_threads()
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {threads} threads, {args.shape}", flush=True)
     with torch.inference_mode():
         model.vision_encoder(pixel_values=pixels)  # warm-up
         for _ in range(args.rounds):
@@ -73,6 +74,10 @@ def main() -> None:
                 model.vision_encoder(pixel_values=pixels)
                 times[setting].append(time.perf_counter() - start)
                 peaks[setting].append(_status("VmHWM") - idle)
+                print(
+                    f"  {setting or 'all'} heads: {times[setting][-1]:.2f} s, {peaks[setting][-1] / MiB:.0f} MiB",
+                    flush=True,
+                )
     print("\n| global attention | encode (median s) | peak above idle (max) |\n|---|---:|---:|")
     for setting in settings:
         name = "all heads at once (transformers)" if setting is None else f"{setting} heads at a time"
