@@ -253,8 +253,10 @@ def load_model(name: str, device: str = "cpu", dtype=None) -> LoadedModel:
             param="model",
         ) from error
     from .decoder import use_official_layer_norms
+    from .encoder_memory import chunk_global_attention
 
     use_official_layer_norms(model)
+    chunk_global_attention(model)  # bounds the encoder's peak memory (issue 11); same attention
     model.to(torch_device).eval()
     log.info("loaded %s on %s (%s)", name, torch_device, str(torch_dtype).replace("torch.", ""))
     return LoadedModel(spec=spec, model=model, processor=processor, device=torch_device, dtype=torch_dtype)
