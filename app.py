@@ -21,6 +21,8 @@ from fastapi import FastAPI
 
 from segmentation.api import install_api
 from segmentation.errors import SegmentationError
+from segmentation.guard import RequestGuard
+from segmentation.limits import Limits
 from segmentation.models import fit_cpu_threads
 from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
@@ -82,6 +84,7 @@ def build_app(
         app = FastAPI(title="SAM-HQ point segmentation (page)", version="0.1.0")
         backend = RemoteBackend(backend_url, settings, api_key=backend_key)
         app.state.backend = backend
+        app.add_middleware(RequestGuard, limits=Limits.from_settings(settings))  # the body cap, as install_api adds it
         return mount_page(app, None, settings, backend=backend)
     registry = registry or ModelRegistry(settings)
     app = FastAPI(title="SAM-HQ point segmentation", version="0.1.0")

@@ -7,8 +7,8 @@
   `segmentation.limits`. A larger `Content-Length` is a 413 at once; a body that
   streams past the cap (chunked) is a 413 as soon as it does, and the rest is not read.
 
-The page (its `/ui` routes) stays reachable without a key: protect it with
-Gradio's auth or a private Space (README).
+The page (its `/ui` routes) stays reachable without a key: protect it with a private Space or an
+authenticating proxy in front (README; Gradio's own auth does not cover `/ui`).
 """
 
 from __future__ import annotations

@@ -168,14 +168,6 @@ class AdmissionGate:
         with self._ready:
             self._ready.notify_all()
 
-    def __enter__(self) -> AdmissionGate:
-        self._held = self.admit()
-        self._held.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._held.__exit__(*exc)
-
 
 def _load_libc_trim() -> Callable[[int], int] | None:
     try:

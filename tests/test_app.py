@@ -212,6 +212,54 @@ def op_error(http, sid, **body) -> int:
     return http.post(f"/ui/session/{sid}/op", json=body).status_code
 
 
+def test_edits_with_numbers_out_of_range_are_a_400_and_the_session_goes_on(http):
+    sid, _ = open_session(http, png_bytes())
+    for body in (
+        {"op": "select", "number": 10**30},
+        {"op": "click", "x": 10**400, "y": 5},
+        {"op": "click", "x": 1e300, "y": 5},
+    ):
+        response = http.post(f"/ui/session/{sid}/op", json=body)
+        assert response.status_code == 400 and "must be a number" in response.json()["error"]["message"], body
+    assert op(http, sid, op="click", x=20, y=30)["map"]
+
+
+def test_an_edit_announcing_a_large_body_is_refused_before_it_is_read(server):
+    from test_security import _raw_headers_only
+
+    status, _ = _raw_headers_only(server, "POST", "/ui/session/anything/op", 2**30)
+    assert status == 413
+
+
+def test_the_admission_gate_bounds_how_many_run_at_once():
+    """Each `admit()` holds its own slot: the page and the API both take one per request."""
+    import threading
+
+    from segmentation.service import AdmissionGate
+
+    gate, lock, running, peak = AdmissionGate(max_concurrent=2, max_waiting=16), threading.Lock(), [0], [0]
+    inside = threading.Barrier(2)
+
+    def work():
+        with gate.admit():
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                inside.wait(timeout=0.2)  # lets two overlap when they can, never waits long
+            except threading.BrokenBarrierError:
+                pass
+            with lock:
+                running[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert peak[0] == 2
+
+
 def test_examples_load_by_index_never_by_path(http):
     sid, _ = open_session(http)
     view = http.post(f"/ui/session/{sid}/picture?example=1").json()
@@ -311,7 +359,7 @@ def test_gradio_uploads_are_closed_and_its_cache_is_cleaned(monkeypatch):
     application = build()
     with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=30) as http:
         before = set(Path(gradio.utils.get_upload_folder()).rglob("*"))
-        for path in ("/gradio_api/upload", "/gradio_api/upload/"):
+        for path in ("/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording"):
             refused = http.post(path, files={"files": ("a.png", png_bytes(20, 20))})
             assert refused.status_code == 403, refused.text
         assert set(Path(gradio.utils.get_upload_folder()).rglob("*")) <= before, "nothing was stored"

@@ -148,6 +148,18 @@ def test_remote_failures_become_page_messages(backend):
                 assert "Traceback" not in answer.text
 
 
+def test_the_page_only_process_caps_bodies_like_the_full_server():
+    from test_security import _raw_headers_only
+
+    page_only = app.build_app(
+        Settings(model=HQ_ID, preload_examples=False), backend_url=f"http://127.0.0.1:{free_port()}"
+    )
+    with LiveServer(page_only) as live:
+        for path in ("/ui/session/anything/picture", "/gradio_api/queue/join"):
+            status, _ = _raw_headers_only(live, "POST", path, 2**30)
+            assert status == 413, path
+
+
 def test_backend_flags_and_environment(monkeypatch):
     monkeypatch.setenv("SAMHQ_BACKEND_URL", "http://api.internal:8000")
     monkeypatch.setenv("SAMHQ_BACKEND_KEY", "k1")

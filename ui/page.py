@@ -35,15 +35,19 @@ def _env_number(name: str, default: float) -> float:
     return float(raw) if raw else default
 
 
+CLOSED_GRADIO_ROUTES = ("/gradio_api/upload", "/gradio_api/process_recording")
+
+
 class NoGradioUploads:
-    """The page uploads through /ui; nothing uses Gradio's own upload route, so it is closed: no
-    anonymous files pile up in Gradio's cache (what remains there is deleted by `delete_cache`)."""
+    """The page uploads through /ui; nothing uses Gradio's own upload routes, so they are closed: no
+    anonymous files pile up in Gradio's cache (what remains there is deleted by `delete_cache`), and
+    no screen recording is handed to ffmpeg (`process_recording`)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith(CLOSED_GRADIO_ROUTES):
             response = JSONResponse(
                 {
                     "error": {

@@ -14,6 +14,7 @@ import base64
 import ctypes
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -29,6 +30,7 @@ from PIL import Image
 
 from segmentation import export
 from segmentation.errors import ModelUnavailableError, SegmentationError
+from segmentation.limits import MAX_COORDINATE
 from segmentation.masks import encode_png
 from segmentation.schemas import build_response
 from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
@@ -382,10 +384,15 @@ def _replace_key(picture: st.Picture, key: str | None) -> st.Picture:
 
 
 def _number(body: dict[str, Any], name: str) -> float:
+    """A finite number within the API's coordinate bound (a 30-digit integer is a 400, not a 500)."""
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number) or abs(number) > MAX_COORDINATE:
         raise ValueError(f"{name} must be a number.")
-    return float(value)
+    return number
 
 
 def _give_memory_back() -> None:
@@ -411,7 +418,7 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(404, "This page's session has expired: reload the page.", "session_expired")
 
         def locked():
-            with routes.gate, entry.lock:
+            with entry.lock, routes.gate.admit():  # one slot per request, never held while a session waits
                 return work(entry)
 
         try:
@@ -427,6 +434,8 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(400, failure.message, failure.code or "invalid_request")
         except ValueError as failure:
             return error(400, str(failure))
+        except FileNotFoundError:  # the session was closed or pushed out while this request ran
+            return error(404, "This page's session has expired: reload the page.", "session_expired")
         except StaleDownload:
             return error(409, "This download belongs to an earlier prompt: press Download again.", "stale")
 
@@ -463,6 +472,9 @@ def install_page_routes(app, routes: PageRoutes) -> None:
 
     @router.post("/session/{sid}/op")
     async def op(sid: str, request: Request) -> Response:
+        announced = request.headers.get("content-length", "")
+        if announced.isdigit() and int(announced) > 4096:  # refused before a byte of the body is read
+            return error(413, "An edit is a few bytes.", "too_large")
         raw = await request.body()
         if len(raw) > 4096:
             return error(413, "An edit is a few bytes.", "too_large")
