@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,3 +70,36 @@ def make_picture(width: int = 320, height: int = 200, seed: int = 0) -> np.ndarr
 @pytest.fixture
 def picture() -> np.ndarray:
     return make_picture()
+
+
+# ---- the vendor SDK (tests/test_sdk.py, tests/test_ray_serve.py) ----
+
+SDK_PYTHONS = ["/root/.pyenv/versions/3.12.1/bin/python3", "python3.13", "python3.12"]
+
+
+def _python312() -> str | None:
+    for candidate in SDK_PYTHONS:
+        path = shutil.which(candidate) or (candidate if Path(candidate).exists() else None)
+        if path:
+            version = subprocess.run(
+                [path, "-c", "import sys; print(sys.version_info >= (3, 12))"], capture_output=True, text=True
+            )
+            if version.stdout.strip() == "True":
+                return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def sdk_python(tmp_path_factory) -> str:
+    """airefinery-sdk (Python >= 3.12) in a venv of its own, installed once per test run."""
+    python = _python312()
+    if python is None:
+        pytest.skip("airefinery-sdk needs Python >= 3.12 and none is installed here")
+    venv = tmp_path_factory.mktemp("sdk") / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "airefinery-sdk"], capture_output=True, text=True, timeout=900
+    )
+    if install.returncode != 0:
+        pytest.skip(f"could not install airefinery-sdk (no package index?): {install.stderr[-500:]}")
+    return str(venv / "bin" / "python")

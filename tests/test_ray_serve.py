@@ -16,7 +16,7 @@ import pytest
 from api_fixtures import build_api, png_b64
 from conftest import HQ_ID, SAM_ID, make_picture
 from live_server import LiveServer, free_port
-from test_sdk import SCRIPT, sdk_python  # noqa: F401  (the fixture: the SDK in a Python >= 3.12 venv)
+from test_sdk import SCRIPT
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
@@ -110,7 +110,7 @@ def test_same_answers_as_one_process(ray_url):
         assert paths == client.get(local.url + "/openapi.json").json()["paths"]
 
 
-def test_vendor_sdk_through_rays_http_proxy(ray_url, sdk_python):  # noqa: F811
+def test_vendor_sdk_through_rays_http_proxy(ray_url, sdk_python):
     result = subprocess.run(
         [sdk_python, "-c", SCRIPT, ray_url, "any-key", png_b64(make_picture(160, 100)), HQ_ID],
         capture_output=True,

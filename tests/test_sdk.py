@@ -7,11 +7,9 @@ older). Skipped, with the reason, where no such interpreter exists or the instal
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +18,6 @@ from conftest import HQ_ID, make_picture
 from live_server import LiveServer
 
 from segmentation.schemas import Mask
-
-CANDIDATES = ["/root/.pyenv/versions/3.12.1/bin/python3", "python3.13", "python3.12"]
 
 SCRIPT = textwrap.dedent(
     """
@@ -48,33 +44,6 @@ SCRIPT = textwrap.dedent(
     print(json.dumps({"sync": sync.model_dump(), "async": async_result.model_dump(), "box": box.model_dump()}))
     """
 )
-
-
-def _python312() -> str | None:
-    for candidate in CANDIDATES:
-        path = shutil.which(candidate) or (candidate if Path(candidate).exists() else None)
-        if path:
-            version = subprocess.run(
-                [path, "-c", "import sys; print(sys.version_info >= (3, 12))"], capture_output=True, text=True
-            )
-            if version.stdout.strip() == "True":
-                return path
-    return None
-
-
-@pytest.fixture(scope="module")
-def sdk_python(tmp_path_factory) -> str:
-    python = _python312()
-    if python is None:
-        pytest.skip("airefinery-sdk needs Python >= 3.12 and none is installed here")
-    venv = tmp_path_factory.mktemp("sdk") / "venv"
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "airefinery-sdk"], capture_output=True, text=True, timeout=900
-    )
-    if install.returncode != 0:
-        pytest.skip(f"could not install airefinery-sdk (no package index?): {install.stderr[-500:]}")
-    return str(venv / "bin" / "python")
 
 
 @pytest.mark.slow
