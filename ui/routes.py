@@ -453,8 +453,6 @@ def install_page_routes(app, routes: PageRoutes) -> None:
     async def picture(sid: str, request: Request) -> Response:
         example = request.query_params.get("example")
         data = None
-        if store.get(sid) is None:  # before a byte of the upload is read
-            return error(404, "This page's session has expired: reload the page.", "session_expired")
         if example is None:
             chunks, size = [], 0
             async for chunk in request.stream():
