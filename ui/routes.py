@@ -11,7 +11,6 @@ format, pixel, object and point limits.
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from segmentation.errors import ModelUnavailableError, SegmentationError
 from segmentation.limits import MAX_COORDINATE
 from segmentation.masks import encode_png
 from segmentation.schemas import build_response
-from segmentation.service import AdmissionGate, OverloadedError, SegmentResult
+from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, give_memory_back
 
 from . import pictures
 from . import state as st
@@ -239,7 +238,7 @@ class PageRoutes:
             key, cached = self.backend.embed(session.model, session.picture)
             session.picture = _replace_key(session.picture, key)
             if op == "embed" or not session.prompted():
-                _give_memory_back()
+                give_memory_back()
                 how = "from the cache" if cached else f"computed in {time.perf_counter() - start:.2f} s"
                 return self.view(entry, None, f"Picture ready — embedding {how}. Click on it to add a point.")
         preview, status = self.render(entry)
@@ -273,7 +272,7 @@ class PageRoutes:
         )
         entry.decoded = None
         self._clear_downloads(entry)
-        _give_memory_back()
+        give_memory_back()
         return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
 
     # ---- downloads ------------------------------------------------------------------------
@@ -295,14 +294,14 @@ class PageRoutes:
             folder.mkdir()
             self._build(entry, folder, base_url)
             marker.write_text(str(rev))
-            _give_memory_back()
+            give_memory_back()
         path = folder / name
         if name == "cutout.png" and not path.exists():
             labels = np.asarray(Image.open(folder / "mask.png"))
             rgb = self.backend.prepare(session.model, session.picture.source)
             Image.fromarray(pictures.cutout(rgb, labels)).save(path)
             del rgb, labels
-            _give_memory_back()
+            give_memory_back()
         return path
 
     def _build(self, entry: Entry, folder: Path, base_url: str) -> None:
@@ -393,14 +392,6 @@ def _number(body: dict[str, Any], name: str) -> float:
     if not math.isfinite(number) or abs(number) > MAX_COORDINATE:
         raise ValueError(f"{name} must be a number.")
     return number
-
-
-def _give_memory_back() -> None:
-    """After a big picture, hand freed heap pages back to the system (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _safe_name(name: str) -> str:
