@@ -9,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from agreement import assert_labels_agree, label_map_margins
 from conftest import HQ_ID, make_picture
 
 from segmentation import service
 from segmentation.engine import Segmenter
+from segmentation.masks import resize_nearest
 from segmentation.prompts import parse_prompt
 from segmentation.serving.batching import BatchingSegmenter, DecodeBatcher
 from segmentation.settings import Settings
@@ -72,8 +74,9 @@ def test_concurrent_clicks_merge_into_one_decode_that_equals_each_alone(segmente
         assert_same_decode(decoded, alone)
         composed = segmenter.compose(on[name], decoded, candidates=2)
         reference = segmenter.segment(on[name], prompts[name], candidates=2, hq_token_only=hq_token_only)
-        for a, b in zip(composed.label_maps, reference.label_maps):
-            np.testing.assert_array_equal(a, b)
+        margins = label_map_margins(on[name], alone, candidates=2)
+        for a, b, margin in zip(composed.label_maps, reference.label_maps, margins, strict=True):
+            assert_labels_agree(a, b, margin, band=1e-4)  # the batch changes sums' order: rounding may flip
 
 
 def test_a_failed_merged_decode_fails_every_request_in_it(segmenter):
@@ -108,11 +111,14 @@ def test_service_segment_through_a_batching_segmenter_equals_the_plain_one(segme
 
     with ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(lambda points: run(batching, points), clicks))
+    alone = plain.get(HQ_ID)
+    embedding = alone.embed(picture)
     for points, result in zip(clicks, batched):
         reference = run(plain, points)
         assert (result.width, result.height, result.point_tokens) == (80, 50, 1)
-        for a, b in zip(result.candidates, reference.candidates):
-            np.testing.assert_array_equal(a.labels, b.labels)
-            assert [o.area for o in a.objects] == [o.area for o in b.objects]
+        margins = label_map_margins(embedding, alone.decode(embedding, points), candidates=3)
+        for a, b, margin in zip(result.candidates, reference.candidates, margins, strict=True):
+            assert_labels_agree(a.labels, b.labels, resize_nearest(margin, 80, 50), band=1e-4)
+            assert [o.area for o in a.objects] == [int((a.labels == o.value).sum()) for o in a.objects]
     model = batching.get(HQ_ID)
     assert model.batcher.requests == len(clicks) and 1 <= model.batcher.calls <= len(clicks)

@@ -2,7 +2,7 @@
 
 The reference is transformers' own, unpatched forward of the same weights: the encoder's
 last_hidden_state and intermediate embeddings agree to float32 rounding, and the engine's masks
-are identical.
+agree wherever they are farther than rounding from a decision (tests/agreement.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
+from agreement import assert_labels_agree, label_map_margins
 from conftest import HQ_ID, SAM_ID, make_picture
 
 from segmentation.encoder_memory import chunk_global_attention
@@ -85,7 +85,8 @@ def test_bad_chunk_size_refused() -> None:
 
 @pytest.mark.parametrize("model_id", [HQ_ID, SAM_ID])
 def test_engine_masks_identical(model_id: str) -> None:
-    """`load_model` chunks the global attention; the engine's masks equal those of transformers' forward."""
+    """`load_model` chunks the global attention; the engine's masks equal those of transformers' forward
+    but for pixels within float32 rounding of a decision."""
     from segmentation.engine import Segmenter
     from segmentation.models import load_model
 
@@ -96,11 +97,14 @@ def test_engine_masks_identical(model_id: str) -> None:
     chunk_global_attention(one_head, heads_per_chunk=1)
     picture = make_picture(320, 200, seed=4)
     prompt = [[[60, 70]], [[200, 120], [230, 150]]]
-    results = []
+    results, margins = [], None
     for model in (unpatched(loaded.model), loaded.model, one_head):
         segmenter = Segmenter(dataclasses.replace(loaded, model=model))
-        results.append(segmenter.segment(segmenter.embed(picture), prompt, candidates=3).label_maps)
+        embedding = segmenter.embed(picture)
+        results.append(segmenter.segment(embedding, prompt, candidates=3).label_maps)
+        if margins is None:  # where transformers' own forward is within rounding of a decision
+            margins = label_map_margins(embedding, segmenter.decode(embedding, prompt), candidates=3)
     reference = results[0]
     for maps in results[1:]:
-        for want, got in zip(reference, maps, strict=True):
-            np.testing.assert_array_equal(got, want)
+        for want, got, margin in zip(reference, maps, margins, strict=True):
+            assert_labels_agree(got, want, margin, band=1e-4)  # attention in chunks sums in another order
