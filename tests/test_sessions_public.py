@@ -84,8 +84,9 @@ def test_row1_a_flood_of_session_opens_gets_429_and_never_evicts_another_visitor
         statuses = [answer.status_code for answer in answers]
         assert statuses.count(200) == store.per_client and statuses.count(429) == 100 - store.per_client, statuses
         refused = answers[-1].json()["error"]
-        assert refused["code"] == "too_many_sessions" and "Too many pages are open from your address" in (
-            refused["message"]
+        assert (
+            refused["code"] == "too_many_sessions"
+            and "Too many pages are open from your address" in (refused["message"])
         )
         clicked = op(http, visitor, op="click", x=40, y=30)
         assert clicked.status_code == 200, clicked.text
@@ -141,7 +142,8 @@ def _post_and_hang_up(port: int, path: str, body: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"X-Forwarded-For: {STRANGER}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            f"X-Forwarded-For: {STRANGER}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
 
 
@@ -333,4 +335,3 @@ def test_row9_auth_flag_and_env_are_checked_at_start():
             parse_accounts(bad)
     args = app.parse_args(["--auth", "a:b", "--auth", "c:d", "--trusted-proxies", "10.0.0.0/8"])
     assert args.auth == ["a:b", "c:d"] and args.trusted_proxies == "10.0.0.0/8"
-
