@@ -401,7 +401,7 @@ def _safe_name(name: str) -> str:
     return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
 
 
-WAITING_PER_SESSION = 4  # a page sends one edit at a time; a download or a picture may overlap it
+WAITING_PER_SESSION = 8  # a page sends one edit at a time; its download links (4) and a picture may overlap it
 
 
 def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None = None) -> None:
