@@ -112,7 +112,7 @@ class SessionStore:
                     dropped.append(self._entries.pop(oldest.session.id))
             if refusal is None:
                 sid = secrets.token_urlsafe(18)
-                (self.root / sid).mkdir()
+                (self.root / sid).mkdir(parents=True)  # parents: a store closed by a stop may serve again
                 entry = Entry(Session(id=sid, model=model), self.root / sid, client=client)
                 self._entries[sid] = entry
         self._remove(dropped)
