@@ -26,6 +26,8 @@ from segmentation.limits import Limits
 from segmentation.models import fit_cpu_threads
 from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
+from ui.clients import parse_proxies
+from ui.login import parse_accounts
 from ui.page import mount_page
 from ui.routes import ASSETS, example_pictures  # noqa: F401  (ASSETS: tests and deployments name it)
 
@@ -122,6 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ui-session-ttl", type=float, help="idle seconds before a page session ends (SAMHQ_UI_SESSION_TTL)"
     )
+    parser.add_argument(
+        "--ui-sessions-per-client", type=int, help="page sessions one client may hold (SAMHQ_UI_SESSIONS_PER_CLIENT, 8)"
+    )
+    parser.add_argument(
+        "--auth",
+        action="append",
+        metavar="USER:PASS",
+        help="require this login for the page and its /ui routes (repeatable; SAMHQ_AUTH, comma-separated)",
+    )
+    parser.add_argument(
+        "--trusted-proxies",
+        help="addresses/networks of reverse proxies whose X-Forwarded-For names the client (SAMHQ_TRUSTED_PROXIES)",
+    )
     return parser.parse_args(argv)
 
 
@@ -160,6 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["SAMHQ_UI_SESSIONS"] = str(args.ui_sessions)
     if args.ui_session_ttl is not None:
         os.environ["SAMHQ_UI_SESSION_TTL"] = str(args.ui_session_ttl)
+    if args.ui_sessions_per_client is not None:
+        os.environ["SAMHQ_UI_SESSIONS_PER_CLIENT"] = str(args.ui_sessions_per_client)
+    if args.auth:
+        parse_accounts(args.auth)  # a malformed USER:PASS stops here, with the message
+        os.environ["SAMHQ_AUTH"] = ",".join(args.auth)
+    if args.trusted_proxies is not None:
+        os.environ["SAMHQ_TRUSTED_PROXIES"] = args.trusted_proxies
+    proxies = [str(network) for network in parse_proxies(os.environ.get("SAMHQ_TRUSTED_PROXIES", ""))]
     if args.backend:  # the page only: no registry, no torch threads, nothing preloaded
         app = build_app(settings, backend_url=args.backend, backend_key=args.backend_key)
     else:
@@ -173,7 +196,13 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=_open_share_link, args=(args.host, args.port), daemon=True).start()
     what = "the page (segmentation by the backend)" if args.backend else "UI and API"
     log.info("serving %s on http://%s:%d", what, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    log.info(
+        "page: %s; clients by %s",
+        "login required (--auth / SAMHQ_AUTH)" if os.environ.get("SAMHQ_AUTH") else "open to anyone",
+        f"X-Forwarded-For from {', '.join(proxies)}" if proxies else "peer address (no trusted proxies)",
+    )
+    # uvicorn trusts X-Forwarded-For from loopback by default; only the named proxies here (ui/clients.py)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", forwarded_allow_ips=proxies)
 
 
 def _open_share_link(host: str, port: int) -> None:

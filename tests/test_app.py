@@ -326,6 +326,7 @@ def test_sessions_hold_no_pixels_expire_and_keep_disk_bounded(monkeypatch):
     monkeypatch.setenv("SAMHQ_UI_SESSION_TTL", "3600")
     application = build()
     store = application.state.page.store
+    store.recent = 0.0  # sessions idle for any time may make room (tests/test_sessions_public.py: the recent rule)
     picture = png_bytes(2400, 1600, seed=9)  # 3.8 MP: the old state kept ~60 MB of it per session
     with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=60) as http:
         open_session(http, picture)  # warm: the embedding is cached once for all

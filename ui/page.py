@@ -21,7 +21,9 @@ from segmentation.schemas import build_response
 from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 
+from . import gradio_errors, login
 from .backend import LocalBackend
+from .clients import ClientIdentity
 from .guard import guard_file_inputs
 from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
@@ -65,12 +67,20 @@ class NoGradioUploads:
 
 
 def page_options() -> dict[str, float]:
-    """The page's own knobs (README): sessions kept, idle expiry, Gradio cache clean-up."""
+    """The page's own knobs (README): sessions kept (in all, per client), idle expiry, their disk budget,
+    Gradio cache clean-up."""
     return {
         "sessions": int(_env_number("SAMHQ_UI_SESSIONS", 100)),
+        "sessions_per_client": int(_env_number("SAMHQ_UI_SESSIONS_PER_CLIENT", 8)),
         "session_ttl": _env_number("SAMHQ_UI_SESSION_TTL", 3600),
+        "disk_mb": _env_number("SAMHQ_UI_DISK_MB", 2048),
         "cache_age": int(_env_number("SAMHQ_UI_CACHE_AGE", 3600)),
     }
+
+
+def _gradio_app(app: FastAPI):
+    """Gradio's own FastAPI app, mounted inside `app` (None before it is)."""
+    return next((r.app for r in app.routes if hasattr(getattr(r, "app", None), "blocks")), None)
 
 
 def api_segment_function(registry: ModelRegistry) -> Callable[..., dict]:
@@ -140,7 +150,13 @@ def mount_page(
     """The page's routes under /ui and the Gradio shell at /, on `app` (which already serves the API,
     or, given a remote `backend` and no registry, serves the page alone)."""
     options = page_options()
-    store = SessionStore(capacity=options["sessions"], ttl=options["session_ttl"])
+    store = SessionStore(
+        capacity=options["sessions"],
+        ttl=options["session_ttl"],
+        per_client=options["sessions_per_client"],
+        disk_bytes=int(options["disk_mb"] * 2**20),
+        root=os.environ.get("SAMHQ_UI_SESSIONS_DIR") or None,
+    )
     routes = PageRoutes(
         backend or LocalBackend(registry, settings),
         store,
@@ -148,15 +164,20 @@ def mount_page(
         # the snippet names the API: with a remote backend, that server (this one serves the page only)
         public_url=os.environ.get("SAMHQ_PUBLIC_URL") or (backend.url if backend else None),
     )
-    install_page_routes(app, routes)
+    install_page_routes(app, routes, ClientIdentity(os.environ.get("SAMHQ_TRUSTED_PROXIES", "")))
     app.add_middleware(NoGradioUploads)
+    accounts = login.accounts_from_env()
+    app.add_middleware(login.PageLogin, gradio_app=lambda: _gradio_app(app))
     app.state.page = routes
     demo = build_blocks(registry, settings, options["cache_age"], gpu, served_models=routes.backend.models)
-    return gr.mount_gradio_app(
+    mounted = gr.mount_gradio_app(
         app,
         demo,
         path="/",
         allowed_paths=[str(ASSETS)],
         max_file_size=f"{settings.max_body_mb}mb",
         css=(STATIC / "page.css").read_text(),
+        auth=accounts or None,  # the same login then guards /ui (login.PageLogin)
     )
+    gradio_errors.install(_gradio_app(mounted))
+    return mounted

@@ -11,6 +11,7 @@ format, pixel, object and point limits.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -37,8 +38,9 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 from . import pictures
 from . import state as st
 from .backend import LocalBackend, Preview
+from .clients import ClientIdentity
 from .remote import BackendError, RemoteBackend
-from .sessions import Entry, SessionStore
+from .sessions import Entry, SessionStore, StoreRefusal
 
 log = logging.getLogger("ui")
 
@@ -399,21 +401,37 @@ def _safe_name(name: str) -> str:
     return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
 
 
-def install_page_routes(app, routes: PageRoutes) -> None:
+WAITING_PER_SESSION = 8  # a page sends one edit at a time; its download links (4) and a picture may overlap it
+
+
+def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None = None) -> None:
     router = APIRouter(prefix="/ui")
     store = routes.store
+    clients = clients or ClientIdentity()
+    _close_store_at_shutdown(app, store)
 
-    async def guarded(sid: str, work) -> Response:
+    async def guarded(sid: str, work, request: Request | None = None) -> Response:
+        """One request of a session at a time, waited for in the event loop (a waiting request holds no
+        worker thread); past `WAITING_PER_SESSION` a 429 at once; a request whose client hung up while it
+        waited is dropped before it runs."""
         entry = store.get(sid)
         if entry is None:
             return error(404, "This page's session has expired: reload the page.", "session_expired")
-
-        def locked():
-            with entry.lock, routes.gate.admit():  # one slot per request, never held while a session waits
-                return work(entry)
-
+        if entry.pending >= WAITING_PER_SESSION:
+            return error(429, "This page has too many requests waiting: wait for the last one to finish.", "busy")
+        entry.pending += 1
         try:
-            return await run_in_threadpool(locked)
+            async with entry.turn:
+                if request is not None and await _client_left(request):
+                    return Response(status_code=499)  # nobody is there to read it
+                return await run_in_threadpool(_run, entry, work)
+        finally:
+            entry.pending -= 1
+
+    def _run(entry: Entry, work) -> Response:
+        try:
+            with routes.gate.admit():  # one model slot per request, taken only once this session's turn came
+                return work(entry)
         except ModelUnavailableError as failure:
             model = entry.session.model
             return error(503, failure.message, "model_unavailable", banner=banner(model, failure.message))
@@ -421,6 +439,8 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(failure.status, failure.message, failure.code)
         except OverloadedError as failure:
             return error(429, failure.message, "rate_limit_exceeded")
+        except StoreRefusal as refusal:
+            return error(refusal.status, refusal.message, refusal.code)
         except SegmentationError as failure:
             return error(400, failure.message, failure.code or "invalid_request")
         except ValueError as failure:
@@ -429,10 +449,15 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(404, "This page's session has expired: reload the page.", "session_expired")
         except StaleDownload:
             return error(409, "This download belongs to an earlier prompt: press Download again.", "stale")
+        finally:
+            store.measure(entry)
 
     @router.post("/session")
-    async def open_session() -> Response:
-        entry = store.open(routes.backend.default)
+    async def open_session(request: Request) -> Response:
+        try:
+            entry = store.open(routes.backend.default, clients.of(request.scope))
+        except StoreRefusal as refusal:
+            return error(refusal.status, refusal.message, refusal.code)
         return JSONResponse(routes.config(entry))
 
     @router.delete("/session/{sid}")
@@ -459,7 +484,12 @@ def install_page_routes(app, routes: PageRoutes) -> None:
         except ValueError:
             return error(400, "example must be an index.")
         name = unquote(request.headers.get("x-filename", "picture.jpg"))
-        return await guarded(sid, lambda entry: JSONResponse(routes.load_picture(entry, data, name, index)))
+
+        def load(entry: Entry) -> Response:
+            store.make_room(entry, len(data or b""))  # the disk budget of all sessions
+            return JSONResponse(routes.load_picture(entry, data, name, index))
+
+        return await guarded(sid, load, request)
 
     @router.post("/session/{sid}/op")
     async def op(sid: str, request: Request) -> Response:
@@ -471,11 +501,11 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(413, "An edit is a few bytes.", "too_large")
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a few KB of nested brackets
             return error(400, "The edit is not JSON.")
         if not isinstance(body, dict):
             return error(400, "The edit must be a JSON object.")
-        return await guarded(sid, lambda entry: JSONResponse(routes.apply(entry, body)))
+        return await guarded(sid, lambda entry: JSONResponse(routes.apply(entry, body)), request)
 
     @router.get("/session/{sid}/preview.jpg")
     async def preview_picture(sid: str) -> Response:
@@ -492,11 +522,12 @@ def install_page_routes(app, routes: PageRoutes) -> None:
         base_url = str(request.base_url).rstrip("/")
 
         def work(entry: Entry) -> Response:
+            store.make_room(entry, 0)  # downloads are written into the session's folder: within the budget
             path = routes.download(entry, rev, name, base_url)
             media = {"png": "image/png", "json": "application/json", "py": "text/x-python"}[name.rsplit(".", 1)[1]]
             return FileResponse(path, media_type=media, filename=name, headers={"Cache-Control": "no-store"})
 
-        return await guarded(sid, work)
+        return await guarded(sid, work, request)
 
     @router.get("/examples/{index}.jpg")
     async def example_thumbnail(index: int) -> Response:
@@ -506,3 +537,23 @@ def install_page_routes(app, routes: PageRoutes) -> None:
         return FileResponse(examples[index], media_type="image/jpeg")
 
     app.include_router(router)
+
+
+async def _client_left(request: Request) -> bool:
+    """Whether the client hung up. A bodiless request's first receive is its (empty) body: look twice."""
+    return await request.is_disconnected() or await request.is_disconnected()
+
+
+def _close_store_at_shutdown(app, store: SessionStore) -> None:
+    """Every session folder (visitors' uploads) goes when the server stops, inside the app's lifespan."""
+    previous = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application):
+        try:
+            async with previous(application) as state:
+                yield state
+        finally:
+            store.close()
+
+    app.router.lifespan_context = lifespan

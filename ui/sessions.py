@@ -1,13 +1,27 @@
 """Where the page's sessions live: a bounded, expiring store, one folder per session on disk.
 
 A session holds its typed state (`ui.state.Session`, small), the last decode when small, and a folder
-with the uploaded file, the preview JPEG and the downloads. Sessions idle for `ttl` seconds, or the least
-recently used one past `capacity`, are dropped with their folder: memory and disk stay bounded by
-capacity × (a few MB of state + the upload limit + one set of downloads).
+with the uploaded file, the preview JPEG and the downloads. The bounds, so that no stranger can stall or
+empty the page (issue 21):
+
+* per client (`ui.clients`): at most `per_client` sessions. Past it, the client's own least recently used
+  session goes if it has been idle for `recent` seconds; otherwise the open is refused (429). One
+  client's flood never pushes out anybody else's session.
+* in total: at most `capacity` sessions. Past it, the least recently used session goes only if it has been
+  idle for `recent` seconds; otherwise the open is refused (503): someone active is never evicted.
+* on disk: all folders together within `disk_bytes`. A picture that does not fit makes room from idle
+  sessions the same way, or is refused (503).
+* in time: idle for `ttl` seconds, a session goes with its folder.
+
+Folders live under one run folder per process (`<root>/run-*`, with a lock file `run-*.lock` beside it
+held for the process's life): at start, the run folders of processes that are gone (killed, crashed) are removed; at shutdown
+(`close`), this run's folder goes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import secrets
 import shutil
 import tempfile
@@ -21,45 +35,139 @@ from segmentation.engine import Decoded
 
 from .state import Session
 
+DEFAULT_ROOT = Path(tempfile.gettempdir()) / "samhq-ui-sessions"
+
+
+class StoreRefusal(Exception):
+    """An open or an upload the store cannot take now: `status` and a message in words for the page."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
 
 @dataclass
 class Entry:
     session: Session
     folder: Path
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one edit at a time per session
+    client: str = ""
+    # one request of a session at a time: waited for in the event loop, so a waiting request holds no thread
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: int = 0  # requests of this session running or waiting for their turn
     decoded: Decoded | None = None  # the last decode, kept only when small (see LocalBackend.keepable)
     touched: float = field(default_factory=time.monotonic)
+    disk: int = 0  # bytes in its folder when last measured
 
 
 class SessionStore:
-    def __init__(self, capacity: int = 100, ttl: float = 3600.0, root: str | Path | None = None):
+    def __init__(
+        self,
+        capacity: int = 100,
+        ttl: float = 3600.0,
+        root: str | Path | None = None,
+        per_client: int = 8,
+        disk_bytes: int = 2048 * 2**20,
+        recent: float = 600.0,
+    ):
         self.capacity = max(1, capacity)
+        self.per_client = max(1, per_client)
         self.ttl = ttl
-        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="samhq-ui-"))
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.disk_bytes = disk_bytes
+        self.recent = recent  # a session touched this recently is never evicted for someone else
+        parent = Path(root) if root else DEFAULT_ROOT
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_runs(parent)
+        self.root = Path(tempfile.mkdtemp(prefix="run-", dir=parent))
+        self._run_lock = open(_lock_of(self.root), "w")  # noqa: SIM115  (held for the process's life)
+        fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, model: str) -> Entry:
-        sid = secrets.token_urlsafe(18)
-        folder = self.root / sid
-        folder.mkdir()
-        entry = Entry(Session(id=sid, model=model), folder)
+    def open(self, model: str, client: str = "") -> Entry:
+        """A new session for `client`, or StoreRefusal (see the module docstring)."""
+        now = time.monotonic()
+        refusal = entry = None
         with self._lock:
-            self._entries[sid] = entry
-            dropped = self._expire_locked()
+            dropped = self._expire_locked(now)
+            own = [e for e in self._entries.values() if e.client == client]
+            if len(own) >= self.per_client:
+                if now - own[0].touched <= self.recent:
+                    refusal = StoreRefusal(
+                        429,
+                        f"Too many pages are open from your address ({self.per_client}): close another tab of "
+                        "this page, or try again in a few minutes.",
+                        "too_many_sessions",
+                    )
+                else:
+                    dropped.append(self._entries.pop(own[0].session.id))
+            if refusal is None and len(self._entries) >= self.capacity:
+                oldest = next(iter(self._entries.values()))
+                if now - oldest.touched <= self.recent:
+                    refusal = StoreRefusal(
+                        503,
+                        "The page is serving as many visitors as it can right now: try again in a few minutes.",
+                        "server_busy",
+                    )
+                else:
+                    dropped.append(self._entries.pop(oldest.session.id))
+            if refusal is None:
+                sid = secrets.token_urlsafe(18)
+                (self.root / sid).mkdir(parents=True)  # parents: a store closed by a stop may serve again
+                entry = Entry(Session(id=sid, model=model), self.root / sid, client=client)
+                self._entries[sid] = entry
         self._remove(dropped)
+        if refusal is not None:
+            raise refusal
         return entry
 
     def get(self, sid: str) -> Entry | None:
         with self._lock:
-            dropped = self._expire_locked()
+            dropped = self._expire_locked(time.monotonic())
             entry = self._entries.get(sid)
             if entry is not None:
                 entry.touched = time.monotonic()
                 self._entries.move_to_end(sid)
         self._remove(dropped)
         return entry
+
+    def make_room(self, entry: Entry, incoming: int) -> None:
+        """Before `entry` writes about `incoming` bytes more: evict idle sessions to fit the disk budget, or
+        refuse (StoreRefusal 503) when only recently active ones hold the space."""
+        now = time.monotonic()
+        dropped = []
+        try:
+            with self._lock:
+                others = sum(e.disk for e in self._entries.values() if e is not entry)
+                while others + incoming > self.disk_bytes:
+                    idle = next(
+                        (e for e in self._entries.values() if e is not entry and now - e.touched > self.recent), None
+                    )
+                    if idle is None:
+                        raise StoreRefusal(
+                            503,
+                            "The server's space for pictures is taken by other visitors right now: try again in a "
+                            "few minutes, or with a smaller picture.",
+                            "disk_full",
+                        )
+                    dropped.append(self._entries.pop(idle.session.id))
+                    others -= idle.disk
+        finally:
+            self._remove(dropped)
+
+    def measure(self, entry: Entry) -> int:
+        """Bytes now in the session's folder (its upload, preview and downloads)."""
+        total = 0
+        for path in entry.folder.rglob("*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except OSError:
+                pass
+        entry.disk = total
+        return total
+
+    @property
+    def disk(self) -> int:
+        return sum(entry.disk for entry in list(self._entries.values()))
 
     def drop(self, sid: str) -> None:
         with self._lock:
@@ -70,18 +178,20 @@ class SessionStore:
         return len(self._entries)
 
     def close(self) -> None:
+        """Every session and this run's folder go (the server is stopping)."""
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
         self._remove(entries)
         shutil.rmtree(self.root, ignore_errors=True)
+        _lock_of(self.root).unlink(missing_ok=True)
+        self._run_lock.close()
 
-    def _expire_locked(self) -> list[Entry]:
-        now = time.monotonic()
+    def _expire_locked(self, now: float) -> list[Entry]:
         dropped = []
         while self._entries:
             sid, entry = next(iter(self._entries.items()))
-            if len(self._entries) > self.capacity or now - entry.touched > self.ttl:
+            if now - entry.touched > self.ttl:
                 dropped.append(self._entries.pop(sid))
             else:
                 break
@@ -91,3 +201,30 @@ class SessionStore:
     def _remove(entries: list[Entry]) -> None:
         for entry in entries:
             shutil.rmtree(entry.folder, ignore_errors=True)
+
+
+def remove_stale_runs(parent: Path) -> list[Path]:
+    """Remove the run folders under `parent` whose process is gone (their lock file is not held). A folder
+    younger than a minute is left alone: its process may not have taken its lock yet."""
+    removed = []
+    for run in parent.glob("run-*"):
+        if not run.is_dir():
+            continue
+        try:
+            if time.time() - run.stat().st_mtime < 60:
+                continue
+            with open(_lock_of(run), "r+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live process: OSError
+        except FileNotFoundError:
+            pass  # no lock at all: not a live run's folder
+        except OSError:
+            continue
+        shutil.rmtree(run, ignore_errors=True)
+        _lock_of(run).unlink(missing_ok=True)
+        removed.append(run)
+    return removed
+
+
+def _lock_of(run: Path) -> Path:
+    """`run-x.lock` beside the run folder `run-x` (inside it, it would look like a session)."""
+    return run.with_name(run.name + ".lock")

@@ -467,7 +467,8 @@
     try {
       config = await call("/ui/session", { method: "POST" });
     } catch (error) {
-      setStatus("The server is not reachable: " + error.message, true);
+      // a refusal (too many pages from this address, server full, login needed) says why in its message
+      setStatus(error.status ? error.message : "The server is not reachable: " + error.message, true);
       return;
     }
     S.session = config.session;
