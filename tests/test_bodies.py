@@ -1,0 +1,285 @@
+"""Issue 21 rows 2, 5, 6 and 10, tried from the outside: raw HTTP sockets against a live server of the
+real app (`app.build_app`), with a small body cap and short read deadlines so the tests stay fast.
+Waits are on conditions (a socket's answer, a deadline), never fixed sleeps."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import gzip
+import io
+import json
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import HQ_ID, make_picture
+from live_server import LiveServer
+from PIL import Image
+
+import app
+from segmentation.limits import Limits
+from segmentation.settings import Settings
+
+MiB = 2**20
+BODY_MB = 8
+SETTINGS = Settings(
+    model=HQ_ID, device="cpu", preload_examples=False, max_body_mb=BODY_MB, body_timeout=1.0, body_deadline=6.0
+)
+PICTURE_CAP = Limits.from_settings(SETTINGS).max_picture_bytes
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def server():
+    application = app.build_app(SETTINGS)
+    with LiveServer(application, log_level="info") as live:
+        live.app = application
+        records = Records()
+        logging.getLogger("uvicorn.access").addHandler(records)
+        live.records = records
+        yield live
+        logging.getLogger("uvicorn.access").removeHandler(records)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def png_bytes(width=320, height=200, seed=4) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(make_picture(width, height, seed=seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def session(http, picture: bytes | None = None) -> str:
+    sid = http.post("/ui/session").json()["session"]
+    if picture is not None:
+        assert http.post(f"/ui/session/{sid}/picture", content=picture).status_code == 200
+        assert http.post(f"/ui/session/{sid}/op", json={"op": "embed"}).status_code == 200
+    return sid
+
+
+def rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def read_answer(sock: socket.socket, timeout: float) -> tuple[int, bytes, bool]:
+    """(status, bytes, closed): read until the server closes the connection or `timeout` passes."""
+    sock.settimeout(timeout)
+    answer, closed = b"", False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            closed = True
+            break
+        if not chunk:
+            closed = True
+            break
+        answer += chunk
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    return status, answer, closed
+
+
+def unfinished(server, path: str, length: int, sent: int, content_type: str = "application/octet-stream"):
+    """A request announcing `length` bytes of which only `sent` come (the last ones never do)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
+    )
+    block = b"\0" * (1 << 20)
+    left = sent
+    while left > 0:
+        left -= sock.send(block[: min(left, len(block))])
+    return sock
+
+
+# ---- row 2: unfinished bodies --------------------------------------------------------------------
+
+
+def test_row2_unfinished_uploads_hold_little_memory_get_408_and_memory_goes_back(server, http):
+    sid = session(http)
+    folder = server.app.state.page.store.get(sid).folder
+    gc.collect()
+    before = rss()
+    upload, join = PICTURE_CAP - 4096, BODY_MB * MiB - 4096
+    sockets = [unfinished(server, f"/ui/session/{sid}/picture", upload + 1, upload) for _ in range(12)]
+    sockets += [unfinished(server, "/gradio_api/queue/join", join + 1, join, "application/json") for _ in range(2)]
+    # while they hang, every byte of the uploads has arrived, on disk (12 x 5 MiB were held in memory before)
+    deadline = time.monotonic() + 30
+    while sum(p.stat().st_size for p in folder.glob("incoming-*")) < 12 * upload and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sum(p.stat().st_size for p in folder.glob("incoming-*")) == 12 * upload
+    held = rss() - before
+    answers = [read_answer(sock, timeout=15) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    for status, answer, closed in answers:
+        assert status == 408, answer[:300]
+        assert b"request_timeout" in answer and closed, "the connection is closed after the 408"
+    assert held < 2 * BODY_MB * MiB + 32 * MiB, f"{held / MiB:.0f} MiB held by 14 unfinished bodies"
+    assert not list(folder.glob("incoming-*")), "the unfinished uploads' files are removed"
+    deadline = time.monotonic() + 20
+    while rss() - before > 48 * MiB and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert rss() - before <= 48 * MiB, f"{(rss() - before) / MiB:.0f} MiB still held after the hang-ups"
+    # nothing half-written stays in the session, and the session goes on
+    assert http.post(f"/ui/session/{sid}/picture", content=png_bytes()).status_code == 200
+
+
+def test_row2_a_chunked_edit_is_read_no_further_than_an_edit(server, http):
+    sid = session(http)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /ui/session/{sid}/op HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sock.sendall(b"2000\r\n" + b" " * 0x2000 + b"\r\n")  # 8 KiB, and the body goes on (never ends)
+        status, answer, closed = read_answer(sock, timeout=15)
+    assert status == 413 and closed, answer[:300]
+
+
+def test_row2_an_upload_to_no_session_is_404_before_its_body_and_nothing_is_drained(server):
+    sock = unfinished(server, "/ui/session/no-such-session/picture", 4 * MiB, 64 * 1024)
+    started = time.monotonic()
+    status, answer, closed = read_answer(sock, timeout=15)
+    sock.close()
+    assert status == 404 and b"session_expired" in answer, answer[:300]
+    assert closed and time.monotonic() - started < 5, "answered at once and the connection closed (not drained)"
+
+
+def test_row2_a_slow_but_steady_upload_is_served(server, http):
+    """The deadline is per pause: an upload that keeps coming within `body_timeout` is read whole."""
+    sid = session(http)
+    data = png_bytes(64, 48)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /ui/session/{sid}/picture HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        )
+        half = len(data) // 2
+        sock.sendall(data[:half])
+        threading.Event().wait(0.4)  # a pause shorter than the 1 s read deadline (the point of the test)
+        sock.sendall(data[half:])
+        sock.settimeout(30)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+# ---- row 10: one picture-size rule, whole downloads, the session id in no log line ----------------
+
+
+def padded_png(size: int) -> bytes:
+    """A valid PNG of exactly `size` bytes (a private ancillary chunk fills it up)."""
+    import struct
+    import zlib
+
+    data = png_bytes(64, 48)
+    end = data.index(b"IEND") - 4
+    fill = size - len(data) - 12
+    chunk = struct.pack(">I", fill) + b"smHQ" + b"\0" * fill
+    chunk += struct.pack(">I", zlib.crc32(b"smHQ" + b"\0" * fill) & 0xFFFFFFFF)
+    out = data[:end] + chunk + data[end:]
+    assert len(out) == size
+    return out
+
+
+def test_row10_the_same_picture_size_rule_for_the_api_and_the_page(http):
+    for size, expected in ((PICTURE_CAP, 200), (PICTURE_CAP + 1, 413)):
+        picture = padded_png(size)
+        sid = session(http)
+        page = http.post(f"/ui/session/{sid}/picture", content=picture)
+        body = {"model": HQ_ID, "image_prompt": base64.b64encode(picture).decode(), "segment_prompt": [[[5, 5]]]}
+        api = http.post("/v1/images/segmentations", json=body)
+        assert (page.status_code, api.status_code) == (expected, expected), (size, page.text[:200], api.text[:200])
+        if expected == 413:
+            assert page.json()["error"]["code"] == api.json()["error"]["code"] == "file_too_large"
+    assert http.post("/ui/session").json()["max_mb"] == round(PICTURE_CAP / MiB, 1)
+
+
+def test_row10_a_download_racing_an_upload_is_whole_or_refused(server, http):
+    sid = session(http, png_bytes(320, 200, seed=1))
+    pictures = [png_bytes(320, 200, seed=s) for s in (2, 3)]
+    for round_ in range(6):
+        rev = http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 50 + round_, "y": 60}).json()["rev"]
+        results = {}
+
+        def download(name, rev=rev, results=results):
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                results[name] = client.get(f"/ui/session/{sid}/download/{rev}/{name}")
+
+        threads = [threading.Thread(target=download, args=(n,)) for n in ("objects.json", "cutout.png", "mask.png")]
+        for thread in threads:
+            thread.start()
+        assert http.post(f"/ui/session/{sid}/picture", content=pictures[round_ % 2]).status_code == 200
+        for thread in threads:
+            thread.join(60)
+        for name, response in results.items():
+            assert response.status_code in (200, 409), (name, response.status_code, response.text[:200])
+            if response.status_code == 200:
+                if name == "objects.json":
+                    assert json.loads(response.content)["objects"]
+                else:
+                    assert Image.open(io.BytesIO(response.content)).load() is not None  # whole, not cut off
+        assert http.post(f"/ui/session/{sid}/op", json={"op": "embed"}).status_code == 200
+
+
+def test_row10_no_session_id_in_the_access_log(server, http):
+    sid = session(http, png_bytes(64, 48))
+    http.get(f"/ui/session/{sid}/preview.jpg")
+    lines = server.records.lines
+    deadline = time.monotonic() + 10
+    while not any("preview.jpg" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any("/ui/session/<session>/preview.jpg" in line for line in lines), lines[-5:]
+    assert not any(sid in line for line in lines)
+
+
+# ---- row 6: a session's files ---------------------------------------------------------------------
+
+
+def test_row6_downloads_are_kept_compressed_and_the_cutout_is_not_kept(server, http):
+    picture = np.asarray(Image.fromarray(make_picture(96, 64, seed=5)).resize((1600, 1200)))
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    sid = session(http, data)
+    rev = http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 800, "y": 600}).json()["rev"]
+    base = f"/ui/session/{sid}/download/{rev}/"
+    plain = http.get(base + "objects.json", headers={"Accept-Encoding": "identity"})
+    packed = http.get(base + "objects.json")  # httpx accepts gzip, as browsers do
+    assert plain.status_code == packed.status_code == 200
+    assert "content-encoding" not in plain.headers and packed.headers["content-encoding"] == "gzip"
+    assert json.loads(plain.content) == json.loads(packed.content)
+    assert int(packed.headers["content-length"]) < len(plain.content)
+    cutout = http.get(base + "cutout.png")
+    assert Image.open(io.BytesIO(cutout.content)).mode == "RGBA"
+    folder = server.app.state.page.store.get(sid).folder
+    files = {p.name: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    assert "cutout.png" not in files and "objects.json.gz" in files, files
+    export = sum(size for name, size in files.items() if not name.startswith("upload-"))
+    # the export is bounded by the picture's pixels (kept compressed; the cut-out, 1.1 bytes a pixel here, not kept)
+    assert export <= 1600 * 1200, files
+    gzip.decompress((folder / "export" / "objects.json.gz").read_bytes())  # the stored file is whole
