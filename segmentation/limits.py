@@ -27,7 +27,8 @@ from typing import Any
 from .errors import ImageTooLargeError, InvalidPromptError, RequestLimitError
 
 MiB = 1024 * 1024
-# what a segmentation body carries besides its picture's base64 (prompt, options): the picture gets the rest
+# what a segmentation body carries besides its picture's base64 (prompt, options; at most an eighth of
+# the cap): the picture gets the rest
 PROMPT_ALLOWANCE = 1 * MiB
 MAX_CANDIDATES = 3
 MAX_USER_CHARS = 256  # the schema refuses a longer `user` (422)
@@ -52,7 +53,7 @@ class Limits:
     @property
     def max_picture_bytes(self) -> int:
         """A picture file's bytes: what base64 can carry in a body under the cap, less the prompt's allowance."""
-        return max(0, self.max_body_bytes - PROMPT_ALLOWANCE) * 3 // 4
+        return (self.max_body_bytes - min(PROMPT_ALLOWANCE, self.max_body_bytes // 8)) * 3 // 4
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
