@@ -283,3 +283,47 @@ def test_row6_downloads_are_kept_compressed_and_the_cutout_is_not_kept(server, h
     # the export is bounded by the picture's pixels (kept compressed; the cut-out, 1.1 bytes a pixel here, not kept)
     assert export <= 800 * 600, files
     gzip.decompress((folder / "export" / "objects.json.gz").read_bytes())  # the stored file is whole
+
+
+# ---- row 5: memory of a page request -------------------------------------------------------------
+
+
+def float_tiff_40mp() -> bytes:
+    """A 40-megapixel float32 TIFF of ~300 KB (flat shapes, deflate): 1.2 GiB per request before."""
+    values = np.zeros((5000, 8000), dtype=np.float32)
+    values[1000:2500, 1600:4000] = 0.8
+    values[2500:4000, 4000:6400] = 0.3
+    buffer = io.BytesIO()
+    Image.fromarray(values, "F").save(buffer, format="TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
+def peak_above_idle(call) -> tuple[httpx.Response, int]:
+    """The server runs in this process: its peak resident memory during `call`, above the memory before."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak mark := the memory now
+    idle = rss()
+    response = call()
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    return response, peak - idle
+
+
+def test_row5_a_40_megapixel_float_tiff_stays_under_1_gib_per_page_request(http):
+    sid = session(http)
+    base = f"/ui/session/{sid}"
+    data = float_tiff_40mp()
+    assert len(data) < 1 * MiB
+    peaks = {}
+    response, peaks["upload"] = peak_above_idle(lambda: http.post(base + "/picture", content=data))
+    assert response.status_code == 200, response.text
+    response, peaks["embedding"] = peak_above_idle(lambda: http.post(base + "/op", json={"op": "embed"}))
+    assert response.status_code == 200, response.text
+    rev = http.post(base + "/op", json={"op": "click", "x": 2000, "y": 1500}).json()["rev"]
+    response, peaks["downloads built"] = peak_above_idle(lambda: http.get(f"{base}/download/{rev}/mask.png"))
+    assert response.status_code == 200
+    response, peaks["cutout.png"] = peak_above_idle(lambda: http.get(f"{base}/download/{rev}/cutout.png"))
+    assert Image.open(io.BytesIO(response.content)).size == (8000, 5000)
+    del response
+    assert max(peaks.values()) <= 1 * 2**30, {k: f"{v / MiB:.0f} MiB" for k, v in peaks.items()}
