@@ -280,8 +280,10 @@ def test_row6_downloads_are_kept_compressed_and_the_cutout_is_not_kept(server, h
     files = {p.name: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
     assert "cutout.png" not in files and "objects.json.gz" in files, files
     export = sum(size for name, size in files.items() if not name.startswith("upload-"))
-    # the export is bounded by the picture's pixels (kept compressed; the cut-out, 1.1 bytes a pixel here, not kept)
-    assert export <= 800 * 600, files
+    # kept compressed, the cut-out (~1.1 bytes a pixel) not kept: the export within 2 bytes a picture pixel
+    # (random-weight masks are noisy: ~1.1 here, 0.1-0.2 at 20-40 megapixels)
+    assert export <= 2 * 800 * 600, files
+    assert int(packed.headers["content-length"]) * 3 < len(plain.content)
     gzip.decompress((folder / "export" / "objects.json.gz").read_bytes())  # the stored file is whole
 
 
