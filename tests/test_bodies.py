@@ -220,29 +220,34 @@ def test_row10_the_same_picture_size_rule_for_the_api_and_the_page(http):
 
 
 def test_row10_a_download_racing_an_upload_is_whole_or_refused(server, http):
-    sid = session(http, png_bytes(320, 200, seed=1))
-    pictures = [png_bytes(320, 200, seed=s) for s in (2, 3)]
-    for round_ in range(6):
-        rev = http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 50 + round_, "y": 60}).json()["rev"]
-        results = {}
-
-        def download(name, rev=rev, results=results):
-            with httpx.Client(base_url=server.url, timeout=60) as client:
-                results[name] = client.get(f"/ui/session/{sid}/download/{rev}/{name}")
-
-        threads = [threading.Thread(target=download, args=(n,)) for n in ("objects.json", "cutout.png", "mask.png")]
-        for thread in threads:
-            thread.start()
-        assert http.post(f"/ui/session/{sid}/picture", content=pictures[round_ % 2]).status_code == 200
-        for thread in threads:
-            thread.join(60)
-        for name, response in results.items():
-            assert response.status_code in (200, 409), (name, response.status_code, response.text[:200])
-            if response.status_code == 200:
-                if name == "objects.json":
-                    assert json.loads(response.content)["objects"]
-                else:
-                    assert Image.open(io.BytesIO(response.content)).load() is not None  # whole, not cut off
+    """Downloads under way (their headers received) when an upload replaces the picture and a click
+    rebuilds the files: every body is whole, as its headers announced. Files are opened under the
+    session's lock and sent from the open file, never reopened by name after the lock."""
+    big = np.asarray(Image.fromarray(make_picture(120, 80, seed=1)).resize((1200, 800)))
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, "PNG")
+    sid = session(http, buffer.getvalue())
+    other = png_bytes(320, 200, seed=2)
+    for round_ in range(2):
+        rev = http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 300 + round_, "y": 200}).json()["rev"]
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            streams = [
+                client.stream("GET", f"/ui/session/{sid}/download/{rev}/{name}")
+                for name in ("cutout.png", "objects.json", "mask.png", "response.json")
+            ]
+            responses = [stream.__enter__() for stream in streams]  # headers in, bodies still coming
+            assert [r.status_code for r in responses] == [200] * 4
+            assert http.post(f"/ui/session/{sid}/picture", content=other).status_code == 200  # removes the files
+            assert http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 10, "y": 10}).status_code == 200
+            bodies = [r.read() for r in responses]
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        cutout, objects, mask, answer = bodies
+        assert Image.open(io.BytesIO(cutout)).size == (1200, 800)
+        assert len(cutout) == int(responses[0].headers["content-length"])
+        assert json.loads(objects)["width"] == 1200 and json.loads(answer)["data"]
+        assert Image.open(io.BytesIO(mask)).size == (1200, 800)
+        assert http.post(f"/ui/session/{sid}/picture", content=buffer.getvalue()).status_code == 200
         assert http.post(f"/ui/session/{sid}/op", json={"op": "embed"}).status_code == 200
 
 
