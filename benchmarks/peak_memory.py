@@ -9,6 +9,13 @@ the kernel's peak-RSS mark is reset (`/proc/self/clear_refs`), so "peak above id
 the request minus VmRSS before it: the model, the cache and earlier requests are idle memory.
 Each request uses a new picture, so the encoder runs. Linux only. Rerun it after changing the
 decoder or the composition: it measures whatever the code does now.
+
+    python benchmarks/peak_memory.py --page --shape tiny     # every page request on 40 MP pictures
+
+`--page` serves the whole app (`app.build_app`: the page's `/ui` routes) and measures each page
+request the same way: the upload of a 40-megapixel float TIFF (~250 KB), of a 40-megapixel photo-like
+JPEG, the embedding, a click, and every download. The page's own work (decoding, previews, downloads)
+does not depend on the checkpoint's shape; the embedding and the click do (see the API rows).
 """
 
 from __future__ import annotations
@@ -61,12 +68,99 @@ def one_point_objects(count: int, width: int, height: int) -> list:
     return [[[float((37 * i) % width), float((53 * i) % height)]] for i in range(count)]
 
 
+def float_tiff(width: int, height: int) -> bytes:
+    """A 40-megapixel float32 TIFF that compresses to a few hundred KB (flat shapes, deflate)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.zeros((height, width), dtype=np.float32)
+    values[height // 5 : height // 2, width // 5 : width // 2] = 0.8
+    values[height // 2 : height * 4 // 5, width // 2 : width * 4 // 5] = 0.3
+    picture = Image.fromarray(values, "F")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
+def photo_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A photo-like JPEG (noise over shapes: large downloads, as a real photo gives)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    picture = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def measure(label: str, rows: list, call, *args, **kwargs) -> object:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    idle = _status("VmRSS")
+    start = time.perf_counter()
+    response = call(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    peak = _status("VmHWM") - idle
+    size = len(response.content)
+    rows.append((label, response.status_code, seconds, peak, size))
+    print(
+        f"{label}: {response.status_code} in {seconds:.1f} s, {size / MiB:.1f} MiB, peak {peak / MiB:.0f} MiB above idle"
+    )
+    return response
+
+
+def page(shape: str) -> None:
+    """Every page request on 40-megapixel pictures, peak above idle (issue 21 row 5) and the session's disk."""
+    import httpx
+    from live_server import LiveServer
+
+    import app as app_module
+    from segmentation.offline import install_in_hf_cache
+    from segmentation.settings import Settings
+
+    install_in_hf_cache(_HF_HOME, MODEL_ID, "sam_hq", shape, seed=0, logit_gain=10000.0)
+    application = app_module.build_app(Settings(model=MODEL_ID, device="cpu", preload_examples=False))
+    store = application.state.page.store
+    rows: list = []
+    with LiveServer(application) as server, httpx.Client(base_url=server.url, timeout=3600) as client:
+        for label, data in (
+            ("40 MP float TIFF", float_tiff(8000, 5000)),
+            ("40 MP photo JPEG", photo_jpeg(8000, 5000, 1)),
+            ("20 MP photo JPEG", photo_jpeg(5472, 3648, 2)),
+        ):
+            sid = client.post("/ui/session").json()["session"]
+            base = f"/ui/session/{sid}"
+            print(f"{label}: {len(data) / 1e3:.0f} KB")
+            measure(f"{label}: upload", rows, client.post, base + "/picture", content=data)
+            measure(f"{label}: embedding", rows, client.post, base + "/op", json={"op": "embed"})
+            click = {"op": "click", "x": 4000, "y": 1800}
+            view = measure(f"{label}: click", rows, client.post, base + "/op", json=click).json()
+            for name in ("snippet.py", "mask.png", "objects.json", "response.json", "cutout.png"):
+                measure(f"{label}: {name}", rows, client.get, f"{base}/download/{view['rev']}/{name}")
+            folder = store.get(sid).folder
+            files = {p.name: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+            print(f"{label}: session files {sum(files.values()) / MiB:.1f} MiB {files}")
+            rows.append((f"{label}: session folder on disk", "", 0.0, 0, sum(files.values())))
+            client.delete(base)
+    print("\n| page request | answer | seconds | body | peak above idle |\n|---|---|---:|---:|---:|")
+    for label, status, seconds, peak, size in rows:
+        print(f"| {label} | {status} | {seconds:.1f} | {size / MiB:.1f} MiB | {peak / MiB:.0f} MiB |")
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="base", help="checkpoint shape (segmentation/offline.py)")
     parser.add_argument("--max-work-mp", type=int, default=None, help="SAMHQ_MAX_WORK_MP for this run")
     parser.add_argument("--objects", type=int, default=255, help="objects of the first request (default: the limit)")
+    parser.add_argument("--page", action="store_true", help="the page's requests (upload, click, downloads)")
     args = parser.parse_args()
+    if args.page:
+        page(args.shape)
+        return
 
     import httpx
     import torch

@@ -297,6 +297,7 @@ def create_router(
 
         def work() -> Response:  # in a worker thread, PNG encoding included: the event loop stays free
             picture = decode_base64_image(body.image_prompt)
+            limits.check_picture_bytes(len(picture))  # the page's upload rule, the same number
             width, height = upright_size(picture, limits.max_pixels)  # the header only
             limits.check_work(len(body.segment_prompt), body.n, width, height)
             with gate.admit(gone):

@@ -42,19 +42,88 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(height), int(width)], "counts": _counts_to_string(rle_counts(mask))}
 
 
-def polygons(mask: np.ndarray, min_points: int = 3) -> list[list[float]]:
-    """Outlines of the mask as COCO polygons [x1, y1, x2, y2, ...] in pixel coordinates."""
-    from contourpy import contour_generator
+# contourpy needs ~27 bytes a grid point (its float64 field, its cache, x and y): a 40-megapixel mask
+# traced whole took ~1 GiB. Larger masks are traced in strips of about this many points and joined.
+STRIP_POINTS = 2_000_000
 
-    padded = np.pad(np.asarray(mask, dtype=np.float64), 1)
-    lines = contour_generator(z=padded, name="serial").lines(0.5)
+
+def polygons(mask: np.ndarray, min_points: int = 3, strip_points: int = STRIP_POINTS) -> list[list[float]]:
+    """Outlines of the mask as COCO polygons [x1, y1, x2, y2, ...] in pixel coordinates.
+
+    Traced on the mask's bounding box only, and in strips of rows when that is large (the outlines
+    are the same; a loop that crosses strips is joined back at the points the strips share)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return []
+    top, left = int(rows[0]), int(cols[0])
+    crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    lines = _trace(crop, strip_points)
     result = []
     for line in lines:
         if len(line) < min_points:
             continue
-        coords = np.asarray(line, dtype=np.float64) - 1.0  # undo the padding
+        coords = np.asarray(line, dtype=np.float64) + (left - 1.0, top - 1.0)  # undo the padding and the crop
         result.append([round(float(v), 2) for v in coords.reshape(-1)])
     return result
+
+
+def _trace(crop: np.ndarray, strip_points: int) -> list[np.ndarray]:
+    """contourpy's 0.5 lines of the crop padded with a ring of zeros (coordinates in the padded frame)."""
+    from contourpy import contour_generator
+
+    height, width = crop.shape
+    rows = max(2, strip_points // (width + 2))
+    if height + 2 <= rows:
+        padded = np.zeros((height + 2, width + 2))
+        padded[1:-1, 1:-1] = crop
+        return list(contour_generator(z=padded, name="serial").lines(0.5))
+    # strips of the padded frame sharing their edge rows: [0, rows), [rows - 1, 2 rows - 1), ...
+    closed, pieces = [], []
+    start = 0
+    while start < height + 1:
+        stop = min(height + 2, start + rows)
+        z = np.zeros((stop - start, width + 2))
+        inside = slice(max(start, 1), min(stop, height + 1))  # padded rows that hold crop rows
+        z[inside.start - start : inside.stop - start, 1:-1] = crop[inside.start - 1 : inside.stop - 1]
+        for line in contour_generator(z=z, name="serial").lines(0.5):
+            line = line + (0.0, float(start))
+            if len(line) > 1 and (line[0] == line[-1]).all():
+                closed.append(line)
+            else:
+                pieces.append(line)
+        start = stop - 1
+    return closed + _join(pieces)
+
+
+def _join(pieces: list[np.ndarray]) -> list[np.ndarray]:
+    """Open pieces that end on a strip's edge, joined end to start into the loops they belong to."""
+    by_start: dict[tuple[float, float], int] = {}
+    by_end: dict[tuple[float, float], int] = {}
+    for i, piece in enumerate(pieces):
+        by_start[tuple(piece[0])] = i
+        by_end[tuple(piece[-1])] = i
+    used = [False] * len(pieces)
+    loops = []
+    for first in range(len(pieces)):
+        if used[first]:
+            continue
+        used[first] = True
+        parts, end = [pieces[first]], tuple(pieces[first][-1])
+        while end != tuple(pieces[first][0]):
+            following = by_start.get(end)
+            if following is not None and not used[following]:
+                piece = pieces[following]
+            else:  # the neighbouring strip traced it the other way round
+                following = next((j for j, p in enumerate(pieces) if not used[j] and tuple(p[-1]) == end), None)
+                if following is None:
+                    break  # cannot happen for a closed outline; keep what was traced
+                piece = pieces[following][::-1]
+            used[following] = True
+            parts.append(piece[1:])
+            end = tuple(piece[-1])
+        loops.append(np.concatenate(parts))
+    return loops
 
 
 def objects_document(

@@ -6,6 +6,12 @@
 * A body cap on every route (the page's and Gradio's too), `max_body_bytes` from
   `segmentation.limits`. A larger `Content-Length` is a 413 at once; a body that
   streams past the cap (chunked) is a 413 as soon as it does, and the rest is not read.
+* A read deadline on every body: a pause longer than `body_timeout` seconds between two chunks, or a
+  body not whole after `body_deadline` seconds, is a 408 and the connection is closed. A client that
+  never sends its last byte holds its connection for seconds, not for good; what the route had
+  buffered is freed and handed back to the system (`malloc_trim`) when it is refused.
+* Every early answer closes the connection (`Connection: close`): the server never drains an unread
+  body (uvicorn would otherwise read and discard it, past the cap, to reuse the connection).
 
 The page (its `/ui` routes) stays reachable without a key: protect it with a private Space or an
 authenticating proxy in front (README; Gradio's own auth does not cover `/ui`).
@@ -13,6 +19,7 @@ authenticating proxy in front (README; Gradio's own auth does not cover `/ui`).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -86,15 +93,38 @@ class RequestGuard:
             return
         received = 0
         started = refused = False
+        # a request with no body is whole from the start (the app may never read it)
+        whole = length in (None, b"0") and b"transfer-encoding" not in headers
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_deadline
 
         async def counting_receive() -> Message:
-            # Past the cap: answer 413 now and tell the app the client left, so it stops reading.
-            nonlocal received, refused
+            # Past the cap or the deadline: answer now and tell the app the client left, so it stops reading.
+            nonlocal received, refused, whole
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
+            if whole:  # after the body, the app only waits for the client to leave: no deadline
+                return await receive()
+            wait = max(0.0, min(self.limits.body_timeout, deadline - loop.time()))
+            try:
+                message = await asyncio.wait_for(receive(), wait)
+            except asyncio.TimeoutError:
+                refused = True
+                if not started:
+                    await _error(
+                        408,
+                        f"The request body did not arrive in time (a pause over {self.limits.body_timeout:g} s, "
+                        f"or more than {self.limits.body_deadline:g} s in all).",
+                        "invalid_request_error",
+                        "request_timeout",
+                        {"Connection": "close"},
+                    )(send)
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.disconnect":
+                refused = True  # the client left mid-body: nothing more comes, and its memory goes back
+            elif message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                whole = not message.get("more_body", False)
                 if received > cap:
                     refused = True
                     if not started:
@@ -105,8 +135,34 @@ class RequestGuard:
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
-                return  # our 413 is the answer; drop what the app says after the disconnect
+                return  # our answer stands; drop what the app says after the disconnect
+            closes = any(k.lower() == b"connection" for k, _ in message.get("headers", []))
+            if message["type"] == "http.response.start" and not whole and not closes:
+                # answered before its body was read (a 404, a 413 of the route's own): close, never drain
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        finally:
+            if refused:
+                await _give_memory_back()
+
+
+_trim_pending = [False]
+
+
+async def _give_memory_back() -> None:
+    """What an abandoned body's route had buffered, back to the system: once for a burst of hang-ups,
+    a moment after the first (the others finish meanwhile), off the event loop."""
+    from .service import give_memory_back  # lazily: the guard itself needs no torch
+
+    if _trim_pending[0]:
+        return
+    _trim_pending[0] = True
+    try:
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(give_memory_back)
+    finally:
+        _trim_pending[0] = False

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
@@ -109,22 +109,64 @@ def upright_size(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     return width, height
 
 
+# rows per strip when a wide mode is brought to 8 bits: ~1-4 MB of numpy at a time, whatever the picture
+_STRIP_PIXELS = 1 << 20
+_WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _strips(image: Image.Image):
+    """(top, numpy strip) over the picture in its own mode: a few MB at a time, never a whole wide copy."""
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield top, np.asarray(image.crop((0, top, width, min(height, top + rows))))
+
+
+def _wide_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float pictures to 8-bit grey, in strips (a 40-megapixel float TIFF
+    of a few hundred KB would otherwise take over a GiB as float64)."""
+    low, high = np.inf, -np.inf
+    for _, strip in _strips(image):
+        if image.mode == "F":
+            finite = strip[np.isfinite(strip)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+        else:
+            high = max(high, float(strip.max(initial=0)))
+    grey = Image.new("L", image.size)
+    if image.mode == "F":
+        low = 0.0 if not np.isfinite(low) else low
+        span = (high - low) if np.isfinite(high) and high > low else 1.0
+        for top, strip in _strips(image):
+            clean = np.nan_to_num(strip.astype(np.float32), nan=low, posinf=low + span, neginf=low)
+            values = np.clip((clean - low) * (255.0 / span), 0, 255).round().astype(np.uint8)
+            grey.paste(Image.fromarray(values, "L"), (0, top))
+        return grey
+    # I;16 is 16-bit by definition; a plain 32-bit "I" may hold 8-bit, 16-bit or wider values.
+    if image.mode.startswith("I;16") or 255 < high <= 65535:
+        scale = 257.0
+    else:
+        scale = max(1.0, high / 255.0)
+    for top, strip in _strips(image):
+        values = np.clip(strip.astype(np.float32) / scale, 0, 255).round().astype(np.uint8)
+        grey.paste(Image.fromarray(values, "L"), (0, top))
+    return grey
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Every mode to 8-bit RGB; transparency is flattened onto white, as a viewer shows it."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max(initial=0)
-        # I;16 is 16-bit by definition; a plain 32-bit "I" may hold 8-bit, 16-bit or wider values.
-        if image.mode.startswith("I;16") or 255 < peak <= 65535:
-            scale = 257.0
-        else:
-            scale = max(1.0, peak / 255.0)
-        image = Image.fromarray(np.clip(array / scale, 0, 255).round().astype(np.uint8), "L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        span = (high - low) or 1.0
-        image = Image.fromarray(((np.nan_to_num(array, nan=low) - low) / span * 255).round().astype(np.uint8), "L")
+    if image.mode in _WIDE_INT_MODES or image.mode == "F":
+        image = _wide_to_l(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -157,10 +199,13 @@ def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
     return np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(array))))
 
 
-def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An upright HxWx3 uint8 RGB array from bytes, a path, a PIL image or an array."""
+def load_rgb(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The upright 8-bit RGB picture as a PIL image (no numpy copy): what downloads build on in strips.
+
+    Decoded in the picture's own mode, brought to 8 bits in strips, and turned upright last, on the
+    8-bit picture (the memory of a page request stays within a few bytes a pixel)."""
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels)
+        return Image.fromarray(_from_array(source, max_pixels))
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (bytes, bytearray, memoryview, str, Path)):
@@ -174,14 +219,28 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            try:
+                orientation = image.getexif().get(0x0112)
+            except Exception:  # a damaged EXIF block: the picture as stored
+                orientation = None
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(upright)
-            array = np.asarray(rgb, dtype=np.uint8)
+            rgb = _to_rgb(image)
+            if orientation in _UPRIGHT:
+                rgb = rgb.transpose(_UPRIGHT[orientation])
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise InvalidImageError(
             f"The picture is damaged or truncated and could not be decoded ({error}).", param="image"
         ) from error
+    return rgb
+
+
+def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An upright HxWx3 uint8 RGB array from bytes, a path, a PIL image or an array."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    rgb = load_rgb(source, max_pixels)
+    array = np.asarray(rgb, dtype=np.uint8)
+    del rgb
     return np.ascontiguousarray(array)
 
 

@@ -4,7 +4,10 @@ The HTTP API (its router, so every deployment that reuses it), Gradio's `/segmen
 else that calls `service.segment` pass through these checks, and the ASGI guard
 (`segmentation.guard`) takes its body caps from here. What a request costs:
 
-* its body: `max_body_bytes` on every route (the page's and Gradio's too);
+* its body: `max_body_bytes` on every route (the page's and Gradio's too), arriving with no pause
+  longer than `body_timeout` seconds and whole within `body_deadline` seconds;
+* its picture's file: `max_picture_bytes`, the same for the API's base64 and the page's upload (the
+  most a base64 body under the cap can carry, so a picture the page opens the API opens too);
 * its picture: `max_pixels`, read from the header before anything is decoded;
 * its prompt: `max_objects` objects of at most `max_points` points, `max_candidates` label maps;
 * its output: `size` within `max_pixels`;
@@ -21,9 +24,12 @@ from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidPromptError, RequestLimitError
+from .errors import ImageTooLargeError, InvalidPromptError, RequestLimitError
 
 MiB = 1024 * 1024
+# what a segmentation body carries besides its picture's base64 (prompt, options; at most an eighth of
+# the cap): the picture gets the rest
+PROMPT_ALLOWANCE = 1 * MiB
 MAX_CANDIDATES = 3
 MAX_USER_CHARS = 256  # the schema refuses a longer `user` (422)
 USER_LOG_CHARS = 64  # and the log shows at most this much of it, escaped
@@ -41,6 +47,13 @@ class Limits:
     max_work_mp: int = 1000
     max_body_bytes: int = 32 * MiB
     max_user_chars: int = MAX_USER_CHARS
+    body_timeout: float = 20.0
+    body_deadline: float = 120.0
+
+    @property
+    def max_picture_bytes(self) -> int:
+        """A picture file's bytes: what base64 can carry in a body under the cap, less the prompt's allowance."""
+        return (self.max_body_bytes - min(PROMPT_ALLOWANCE, self.max_body_bytes // 8)) * 3 // 4
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
@@ -50,9 +63,21 @@ class Limits:
             max_points=settings.max_points,
             max_work_mp=settings.max_work_mp,
             max_body_bytes=settings.max_body_mb * MiB,
+            body_timeout=settings.body_timeout,
+            body_deadline=settings.body_deadline,
         )
 
     # ---- the parts of a request ------------------------------------------------------------
+
+    def check_picture_bytes(self, count: int) -> None:
+        """One rule for a picture file from every way in (API base64, page upload, Gradio)."""
+        if count > self.max_picture_bytes:
+            raise ImageTooLargeError(
+                f"The picture file is {count / MiB:.1f} MiB; the limit is {self.max_picture_bytes / MiB:.1f} MiB. "
+                "Save it smaller (JPEG, or fewer pixels) and try again.",
+                param="image",
+                code="file_too_large",
+            )
 
     def check_candidates(self, n: Any) -> int:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_candidates:

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -186,6 +187,18 @@ def give_memory_back() -> None:
         _malloc_trim(0)
 
 
+def _file_bytes(image: Any) -> int:
+    """The size of a picture's file (encoded bytes or a path); 0 for decoded pictures."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return len(image)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return os.path.getsize(image)
+        except OSError:
+            return 0  # decoding says what is wrong with it
+    return 0
+
+
 def _resized(label_map: LabelMap, width: int, height: int) -> LabelMap:
     """The map at another size; areas and boxes re-measured so they describe the mask returned."""
     labels = resize_nearest(label_map.labels, width, height)
@@ -233,6 +246,7 @@ def segment(
     """
     limits = registry.limits
     limits.check(points=points, candidates=candidates, size=size)
+    limits.check_picture_bytes(_file_bytes(image))
     segmenter = registry.get(model)
     width, height = upright_size(image, segmenter.max_pixels)
     prompt = parse_prompt(

@@ -18,6 +18,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be a number, got {raw!r}") from error
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as error:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from error
+
+
 def _env_flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     return default if not raw else raw not in ("0", "false", "no", "off")
@@ -42,6 +52,8 @@ class Settings:
     max_points: int = 64  # SAMHQ_MAX_POINTS: per object
     max_work_mp: int = 1000  # SAMHQ_MAX_WORK_MP: objects × candidates × composed megapixels per request
     max_body_mb: int = 32  # SAMHQ_MAX_BODY_MB: HTTP request body, every route (Gradio's included)
+    body_timeout: float = 20.0  # SAMHQ_BODY_TIMEOUT: seconds a request body may go without a byte, then 408
+    body_deadline: float = 120.0  # SAMHQ_BODY_DEADLINE: seconds a whole request body may take, then 408
     max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
@@ -70,6 +82,8 @@ class Settings:
             max_points=_env_int("SAMHQ_MAX_POINTS", 64),
             max_work_mp=_env_int("SAMHQ_MAX_WORK_MP", 1000),
             max_body_mb=_env_int("SAMHQ_MAX_BODY_MB", 32),
+            body_timeout=_env_float("SAMHQ_BODY_TIMEOUT", 20.0),
+            body_deadline=_env_float("SAMHQ_BODY_DEADLINE", 120.0),
             max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
             preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),

@@ -18,11 +18,11 @@ def free_port() -> int:
 class LiveServer:
     """`with LiveServer(app) as server: server.url` — started on a free loopback port, stopped on exit."""
 
-    def __init__(self, app, port: int | None = None, **config_options):
+    def __init__(self, app, port: int | None = None, log_level: str = "warning", **config_options):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **config_options
+            app, host="127.0.0.1", port=self.port, log_level=log_level, lifespan="on", **config_options
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -316,3 +316,45 @@ def test_a_click_on_a_page_whose_segmentation_is_remote(browser, server, picture
         assert base64.b64decode(api["data"][0]["b64_json"]) == mask
         assert not errors, errors
         page.close()
+
+
+def test_issue21_row10_a_picture_chosen_while_the_page_loads_is_kept(browser, server, picture_path):
+    """The session opens late (held here); the picture chosen meanwhile opens once it is there."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    held = []
+    page.route(
+        "**/ui/session", lambda route: held.append(route) if route.request.method == "POST" else route.fallback()
+    )
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#file", state="attached")
+    while not held:  # the page asked for its session and is waiting for it
+        page.wait_for_timeout(20)
+    page.locator("#file").set_input_files(str(picture_path))
+    assert "opens as soon as the page is ready" in page.locator("#status").text_content()
+    held[0].continue_()
+    page.get_by_text("Picture ready").wait_for()
+    assert page.locator("#stage.has-picture").count() == 1
+    page.close()
+
+
+def test_issue21_row10_the_snippet_wraps_inside_its_box_at_desktop_width(browser, server, picture_path):
+    page, errors = open_page(browser, server, width=1400, height=1000)
+    upload(page, picture_path)
+    click_at(page, 60, 50)
+    wait_painted(page, 1)
+    page.locator("#export").click()
+    page.wait_for_function("document.querySelector('#snippet').textContent.includes('segment_prompt')")
+    box = page.evaluate(
+        """() => { const s = document.querySelector('#snippet'), p = s.parentElement.getBoundingClientRect(),
+                   r = s.getBoundingClientRect(), style = getComputedStyle(s);
+                   return {scrollWidth: s.scrollWidth, clientWidth: s.clientWidth, right: r.right, parent: p.right,
+                           overflowY: style.overflowY, viewport: window.innerWidth}; }"""
+    )
+    assert box["scrollWidth"] <= box["clientWidth"] + 1, box  # long lines wrap: nothing cut off at the side
+    assert box["right"] <= min(box["parent"], box["viewport"]) + 1, box
+    assert box["overflowY"] in ("auto", "scroll"), box  # a long snippet scrolls in its own box
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "issue21-snippet-1400.png"))
+    assert not errors
+    page.close()

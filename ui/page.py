@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from segmentation import service
 from segmentation.api import APIError, decode_base64_image
 from segmentation.errors import SegmentationError
+from segmentation.limits import Limits
 from segmentation.models import CATALOG
 from segmentation.schemas import build_response
 from segmentation.service import ModelRegistry
@@ -175,7 +176,7 @@ def mount_page(
         demo,
         path="/",
         allowed_paths=[str(ASSETS)],
-        max_file_size=f"{settings.max_body_mb}mb",
+        max_file_size=Limits.from_settings(settings).max_picture_bytes,  # the API's picture-file rule
         css=(STATIC / "page.css").read_text(),
         auth=accounts or None,  # the same login then guards /ui (login.PageLogin)
     )

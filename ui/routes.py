@@ -12,25 +12,29 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from segmentation import export
 from segmentation.errors import ModelUnavailableError, SegmentationError
-from segmentation.limits import MAX_COORDINATE
+from segmentation.images import load_rgb
+from segmentation.limits import MAX_COORDINATE, Limits
 from segmentation.masks import encode_png
 from segmentation.schemas import build_response
 from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, give_memory_back
@@ -39,6 +43,7 @@ from . import pictures
 from . import state as st
 from .backend import LocalBackend, Preview
 from .clients import ClientIdentity
+from .logs import redact_access_log
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore, StoreRefusal
 
@@ -47,6 +52,10 @@ log = logging.getLogger("ui")
 PREVIEW_SIDE = 1024
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DOWNLOADS = ("mask.png", "objects.json", "response.json", "snippet.py", "cutout.png")
+# kept gzip-compressed in the session folder (a 20-megapixel objects.json is tens of MB of polygon text),
+# sent as they are to a client that accepts gzip (every browser), else unpacked while they stream
+COMPRESSED = ("objects.json", "response.json")
+CHUNK = 256 * 1024
 
 
 def example_pictures() -> list[Path]:
@@ -91,6 +100,7 @@ class PageRoutes:
         self.backend = backend
         self.store = store
         self.max_body_bytes = max_body_bytes
+        self.limits = Limits.from_settings(backend.settings)  # the API's picture-file rule, the same number
         self.public_url = public_url
         # like the API's: a bounded number of page requests use the model at once, the rest wait, and
         # past `max_waiting` the page answers "busy" at once instead of piling up threads
@@ -108,7 +118,7 @@ class PageRoutes:
             "banner": banner(model, reason) if reason else None,
             "palette": [pictures.hex_color(v) for v in range(1, len(pictures.PALETTE) + 1)],
             "examples": [{"index": i, "name": p.stem} for i, p in enumerate(example_pictures())],
-            "max_mb": self.max_body_bytes // 2**20,
+            "max_mb": round(self.limits.max_picture_bytes / 2**20, 1),
         }
 
     def view(self, entry: Entry, preview: Preview | None = None, status: str = "") -> dict[str, Any]:
@@ -248,8 +258,11 @@ class PageRoutes:
 
     # ---- pictures -------------------------------------------------------------------------
 
-    def load_picture(self, entry: Entry, data: bytes | None, name: str, example: int | None) -> dict[str, Any]:
-        """Decode through the API's limits, keep the file in the session folder, write the preview."""
+    def load_picture(self, entry: Entry, upload: Path | None, name: str, example: int | None) -> dict[str, Any]:
+        """Decode through the API's limits, keep the file in the session folder, write the preview.
+
+        `upload`: the file the route streamed the body into (in the session folder); it becomes the
+        session's picture, or is removed if it is not one."""
         session = entry.session
         examples = example_pictures()
         if example is not None:
@@ -258,11 +271,17 @@ class PageRoutes:
             source, name = str(examples[example]), examples[example].name
             rgb = self.backend.prepare(session.model, source)
         else:
-            rgb = self.backend.prepare(session.model, data or b"")
+            assert upload is not None
+            try:
+                self.limits.check_picture_bytes(upload.stat().st_size)
+                rgb = self.backend.prepare(session.model, str(upload))
+            except BaseException:
+                upload.unlink(missing_ok=True)
+                raise
             for old in entry.folder.glob("upload-*"):
                 old.unlink(missing_ok=True)
             path = entry.folder / f"upload-{time.monotonic_ns()}"
-            path.write_bytes(data or b"")
+            upload.rename(path)
             source = str(path)
         height, width = rgb.shape[:2]
         preview = pictures.preview_size(width, height, PREVIEW_SIDE)
@@ -282,8 +301,12 @@ class PageRoutes:
     def _clear_downloads(self, entry: Entry) -> None:
         shutil.rmtree(entry.folder / "export", ignore_errors=True)
 
-    def download(self, entry: Entry, rev: int, name: str, base_url: str) -> Path:
-        """The file for prompt revision `rev`, built at full size on first request (one folder per session)."""
+    def download(self, entry: Entry, rev: int, name: str, base_url: str) -> IO[bytes]:
+        """The file for prompt revision `rev`, built at full size on first request (one folder per session),
+        opened: what is sent is that file whatever happens to the folder meanwhile (a new upload or
+        revision removes it and builds new files; an open file is never truncated under a reader).
+        `cutout.png` is built for each request into a nameless temporary file: it is as large as the
+        picture uncompressed, so it is not kept."""
         session = entry.session
         if rev != session.rev:
             raise StaleDownload()
@@ -297,14 +320,23 @@ class PageRoutes:
             self._build(entry, folder, base_url)
             marker.write_text(str(rev))
             give_memory_back()
-        path = folder / name
-        if name == "cutout.png" and not path.exists():
-            labels = np.asarray(Image.open(folder / "mask.png"))
-            rgb = self.backend.prepare(session.model, session.picture.source)
-            Image.fromarray(pictures.cutout(rgb, labels)).save(path)
-            del rgb, labels
-            give_memory_back()
-        return path
+        if name == "cutout.png":
+            out = tempfile.TemporaryFile(dir=folder)
+            try:
+                with Image.open(folder / "mask.png") as labels:
+                    rgb = load_rgb(session.picture.source, self.limits.max_pixels)
+                    pictures.write_cutout_png(rgb, labels, out)
+                del rgb
+            except BaseException:
+                out.close()
+                raise
+            finally:
+                give_memory_back()
+            out.seek(0)
+            return out
+        if name in COMPRESSED:
+            return open(folder / (name + ".gz"), "rb")
+        return open(folder / name, "rb")
 
     def _build(self, entry: Entry, folder: Path, base_url: str) -> None:
         session = entry.session
@@ -328,7 +360,8 @@ class PageRoutes:
         document = export.objects_document(chosen.labels, chosen.objects, prompt, session.model)
         for item, obj in zip(document["objects"], prompted):
             item["name"] = f"Object {obj.number}"
-        (folder / "objects.json").write_text(json.dumps(document))
+        _write_gzip(folder / "objects.json.gz", json.dumps(document).encode())
+        del document
         summary = SegmentResult(
             model=session.model,
             width=chosen.labels.shape[1],
@@ -338,7 +371,7 @@ class PageRoutes:
             image_tokens=chosen.image_tokens,
             point_tokens=chosen.point_tokens,
         )
-        (folder / "response.json").write_text(build_response(summary).model_dump_json(indent=1))
+        _write_gzip(folder / "response.json.gz", build_response(summary).model_dump_json(indent=1).encode())
         # the API's i-th map gives every object its i-th candidate: one shared choice is reproducible exactly
         singles = {obj.choice for obj in prompted if _ambiguous(obj)}
         candidate = singles.pop() if len(singles) == 1 else 0
@@ -362,6 +395,32 @@ class PageRoutes:
 
 class StaleDownload(Exception):
     pass
+
+
+def _write_gzip(path: Path, data: bytes) -> None:
+    with gzip.open(path, "wb", compresslevel=6) as file:
+        file.write(data)
+
+
+def _send_file(file: IO[bytes], name: str, accepts_gzip: bool) -> Response:
+    """Stream an opened download (never reopened by name: see `PageRoutes.download`)."""
+    media = {"png": "image/png", "json": "application/json", "py": "text/x-python"}[name.rsplit(".", 1)[1]]
+    headers = {"Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{name}"'}
+    if name in COMPRESSED:
+        headers["Vary"] = "Accept-Encoding"
+        if accepts_gzip:
+            headers["Content-Encoding"] = "gzip"
+        else:
+            file = gzip.GzipFile(fileobj=file, mode="rb")  # unpacked as it streams: no length known ahead
+    if not isinstance(file, gzip.GzipFile):
+        headers["Content-Length"] = str(os.fstat(file.fileno()).st_size - file.tell())
+
+    def chunks():
+        with file:
+            while chunk := file.read(CHUNK):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media, headers=headers)
 
 
 def _ambiguous(obj: st.ObjectPrompt) -> bool:
@@ -401,6 +460,37 @@ def _safe_name(name: str) -> str:
     return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
 
 
+async def _receive_upload(request: Request, folder: Path, cap: int) -> Path | Response:
+    """The upload's body streamed into a new file in the session folder, chunk by chunk: a slow or
+    unfinished upload holds a file handle, not memory (the guard's read deadline ends it)."""
+    path = folder / f"incoming-{time.monotonic_ns()}"
+    size = 0
+    try:
+        with open(path, "wb") as file:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise _TooLarge
+                file.write(chunk)
+    except _TooLarge:
+        path.unlink(missing_ok=True)
+        return error(413, f"The file is larger than the {cap / 2**20:.1f} MB limit for a picture.", "file_too_large")
+    except ClientDisconnect:
+        path.unlink(missing_ok=True)
+        return error(400, "The upload did not arrive whole.", "incomplete_upload")
+    except FileNotFoundError:  # the session ended (its folder went) while the body arrived
+        path.unlink(missing_ok=True)
+        return error(404, "This page's session has expired: reload the page.", "session_expired")
+    if size == 0:
+        path.unlink(missing_ok=True)
+        return error(400, "The upload is empty.")
+    return path
+
+
+class _TooLarge(Exception):
+    pass
+
+
 WAITING_PER_SESSION = 8  # a page sends one edit at a time; its download links (4) and a picture may overlap it
 
 
@@ -409,6 +499,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
     store = routes.store
     clients = clients or ClientIdentity()
     _close_store_at_shutdown(app, store)
+    redact_access_log()
 
     async def guarded(sid: str, work, request: Request | None = None) -> Response:
         """One request of a session at a time, waited for in the event loop (a waiting request holds no
@@ -468,37 +559,39 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
     @router.post("/session/{sid}/picture")
     async def picture(sid: str, request: Request) -> Response:
         example = request.query_params.get("example")
-        data = None
-        if example is None:
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > routes.max_body_bytes:
-                    return error(413, f"The file is larger than {routes.max_body_bytes // 2**20} MB.", "too_large")
-                chunks.append(chunk)
-            data = b"".join(chunks)
-            if not data:
-                return error(400, "The upload is empty.")
         try:
             index = None if example is None else int(example)
         except ValueError:
             return error(400, "example must be an index.")
+        entry = store.get(sid)
+        if entry is None:  # answered before the body is read; the guard closes the connection (never drained)
+            return error(404, "This page's session has expired: reload the page.", "session_expired")
+        upload = None
+        if index is None:
+            upload = await _receive_upload(request, entry.folder, routes.limits.max_picture_bytes)
+            if isinstance(upload, Response):
+                return upload
         name = unquote(request.headers.get("x-filename", "picture.jpg"))
 
         def load(entry: Entry) -> Response:
-            store.make_room(entry, len(data or b""))  # the disk budget of all sessions
-            return JSONResponse(routes.load_picture(entry, data, name, index))
+            store.make_room(entry, upload.stat().st_size if upload is not None else 0)  # all sessions' disk budget
+            return JSONResponse(routes.load_picture(entry, upload, name, index))
 
-        return await guarded(sid, load, request)
+        response = await guarded(sid, load, request)
+        if upload is not None:
+            upload.unlink(missing_ok=True)  # kept (renamed) when it became the picture; else gone
+        return response
 
     @router.post("/session/{sid}/op")
     async def op(sid: str, request: Request) -> Response:
         announced = request.headers.get("content-length", "")
         if announced.isdigit() and int(announced) > 4096:  # refused before a byte of the body is read
             return error(413, "An edit is a few bytes.", "too_large")
-        raw = await request.body()
-        if len(raw) > 4096:
-            return error(413, "An edit is a few bytes.", "too_large")
+        raw = b""
+        async for chunk in request.stream():  # a chunked edit: read no further than an edit can be
+            raw += chunk
+            if len(raw) > 4096:
+                return error(413, "An edit is a few bytes.", "too_large")
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: a few KB of nested brackets
@@ -521,11 +614,11 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             return error(404, "No such download.")
         base_url = str(request.base_url).rstrip("/")
 
+        accepts_gzip = "gzip" in request.headers.get("accept-encoding", "").lower()
+
         def work(entry: Entry) -> Response:
             store.make_room(entry, 0)  # downloads are written into the session's folder: within the budget
-            path = routes.download(entry, rev, name, base_url)
-            media = {"png": "image/png", "json": "application/json", "py": "text/x-python"}[name.rsplit(".", 1)[1]]
-            return FileResponse(path, media_type=media, filename=name, headers={"Cache-Control": "no-store"})
+            return _send_file(routes.download(entry, rev, name, base_url), name, accepts_gzip)
 
         return await guarded(sid, work, request)
 

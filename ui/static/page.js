@@ -58,7 +58,7 @@
   }
 
   async function pump() {
-    if (S.busy) return;
+    if (S.busy || !S.session) return;  // before the session is open, edits wait in the queue (start pumps it)
     S.busy = true;
     while (S.queue.length) {
       const item = S.queue[0];
@@ -459,6 +459,7 @@
   function upload(file) {
     if (!file) return;
     S.queue = S.queue.filter((q) => q.op !== "click");
+    if (!S.session) setStatus("The picture opens as soon as the page is ready…");
     enqueue({ op: "picture", file });
   }
 
@@ -495,6 +496,7 @@
     }
     setStatus(config.banner ? "The model is not available: see the banner above." : "Upload a picture or pick an example to start.", !!config.banner);
     $("samhq").dataset.ready = "1";
+    pump();  // a picture dropped or chosen while the page was still loading
   }
 
   $("points").addEventListener("click", onCanvasClick);
