@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from segmentation.decoder import upscale_logits
-from segmentation.engine import Decoded, Embedding, LabelMap, ObjectDecode, Segmenter
+from segmentation.engine import MAX_DECODE_BATCH, Embedding, LabelMap, ObjectDecode, Segmenter
 from segmentation.errors import ModelUnavailableError, SegmentationError
 from segmentation.masks import compose_label_map, compose_upscaled, object_stats, to_numpy_labels
 from segmentation.prompts import Prompt, parse_prompt
@@ -50,7 +50,7 @@ class Preview:
     labels: np.ndarray  # (preview height, preview width), values 1..n in prompt order
     objects: tuple[PreviewObject, ...]
     thumbnails: tuple[tuple[np.ndarray, float], ...]  # the active one-point object's candidates (mask, score)
-    decoded: Any  # the decode behind the map (opaque to the page; None from a remote backend)
+    decoded: Any  # opaque to the page (None: the backends keep what they reuse themselves)
     reused: bool  # no object had to be decoded for it
     timings: dict[str, float] = field(default_factory=dict)
     decoded_objects: int = 0  # objects this call ran through the decoder (the others came from the cache)
@@ -225,87 +225,90 @@ class LocalBackend:
         embedding, _ = self.embedding(model, picture)
         prompt = self._parse(segmenter, embedding, points, labels, boxes)
         request = self.decodes.request()
-        decoded, fresh = self._decode(segmenter, embedding, prompt, hq_only, request)
+        hq = bool(hq_only and segmenter.hq)  # as the engine applies it: without an HQ token it changes nothing
+        parts, fresh, timings = self._parts(segmenter, embedding, prompt, hq, request)
         n = len(prompt)
         width, height = picture.preview
-        chosen = [min(plan[i], decoded.counts[i] - 1) for i in range(n)]
-        upscaled = [self._upscaled(embedding, decoded, i, chosen[i], (height, width), request) for i in range(n)]
-        label_map = to_numpy_labels(compose_upscaled(upscaled), n)
-        del upscaled
+        chosen = [min(plan[i], parts[i].count - 1) for i in range(n)]
+        keys = [(embedding.key, obj, hq) for obj in prompt.objects]
+        # one object at a time: those not kept exist only while they are folded into the map
+        upscaled = (self._upscaled(embedding, keys[i], parts[i], chosen[i], (height, width), request) for i in range(n))
+        label_map = to_numpy_labels(compose_upscaled(upscaled, n), n)
         total = float(label_map.size)
         objects = tuple(
             PreviewObject(
                 value=s.value,
-                score=float(decoded.scores[s.value - 1, plan[s.value - 1]]),
+                score=float(parts[s.value - 1].scores[plan[s.value - 1]]),
                 percent=100.0 * s.area / total,
                 candidate=chosen[s.value - 1],
-                candidates=decoded.counts[s.value - 1],
+                candidates=parts[s.value - 1].count,
             )
             for s in object_stats(label_map, n)
         )
         thumbnails: tuple[tuple[np.ndarray, float], ...] = ()
-        if active is not None and decoded.counts[active] > 1:
-            thumbnails = self._thumbnails(embedding, decoded, active, (width, height), request)
-        timings = {**decoded.timings, "page": time.perf_counter() - start}
-        return Preview(label_map, objects, thumbnails, decoded, fresh == 0, timings, fresh)
+        if active is not None and parts[active].count > 1:
+            thumbnails = self._thumbnails(embedding, keys[active], parts[active], (width, height), request)
+        timings = {**timings, "page": time.perf_counter() - start}
+        return Preview(label_map, objects, thumbnails, None, fresh == 0, timings, fresh)
 
-    def _decode(
-        self, segmenter: Segmenter, embedding: Embedding, prompt: Prompt, hq_only: bool, request: int
-    ) -> tuple[Decoded, int]:
-        """The whole prompt's Decoded from the kept per-object decodes; the objects not kept are decoded
-        (batched, as the engine groups them) and kept. Returns it and how many objects were decoded."""
-        hq = bool(hq_only and segmenter.hq)  # as the engine applies it: no HQ token, no difference
+    def _parts(
+        self, segmenter: Segmenter, embedding: Embedding, prompt: Prompt, hq: bool, request: int
+    ) -> tuple[list[ObjectDecode], int, dict[str, float]]:
+        """Each object's decode: kept, or decoded now (with the others not kept, batched by layout as the
+        engine does, MAX_DECODE_BATCH at a time so no more than one batch's full decode exists besides the
+        parts) and kept. Returns the parts in prompt order, how many were decoded, and the decoder's time."""
         keys = [("decode", embedding.key, obj, hq) for obj in prompt.objects]
         parts: list[ObjectDecode | None] = [self.decodes.get(key, request) for key in keys]
         missing = [i for i, part in enumerate(parts) if part is None]
-        timings: dict[str, float] = {}
-        if missing:
-            subset = Prompt(objects=tuple(prompt.objects[i] for i in missing))
-            fresh = segmenter.decode(embedding, subset, hq_token_only=hq)
-            timings = dict(fresh.timings)
-            for j, i in enumerate(missing):
+        missing.sort(key=lambda i: prompt.objects[i].layout)  # full batches: the same layout side by side
+        seconds = 0.0
+        for first in range(0, len(missing), MAX_DECODE_BATCH):
+            rows = missing[first : first + MAX_DECODE_BATCH]
+            fresh = segmenter.decode(
+                embedding, Prompt(objects=tuple(prompt.objects[i] for i in rows)), hq_token_only=hq
+            )
+            seconds += fresh.timings.get("decoder", 0.0)
+            for j, i in enumerate(rows):
                 part = fresh.part(j)
                 parts[i] = part
                 self.decodes.put(keys[i], part, part.nbytes, request)
             del fresh
-        decoded = Decoded.from_parts(embedding.key, prompt, hq, parts, timings)  # type: ignore[arg-type]
-        return decoded, len(missing)
+        return parts, len(missing), ({"decoder": seconds} if missing else {})  # type: ignore[return-value]
 
     def _upscaled(
-        self, embedding: Embedding, decoded: Decoded, index: int, candidate: int, size: tuple[int, int], request: int
+        self, embedding: Embedding, key: tuple, part: ObjectDecode, candidate: int, size: tuple[int, int], request: int
     ) -> torch.Tensor:
-        """Object `index`'s candidate logits upscaled to the preview (H, W), as `compose_label_map` upscales
-        them (so the map is the same, bit for bit), kept for the next edit."""
-        key = ("preview", embedding.key, decoded.prompt.objects[index], decoded.hq_token_only, candidate, size)
-        kept = self.decodes.get(key, request)
+        """An object's candidate logits upscaled to the preview (H, W), as `compose_label_map` upscales them
+        (so the map is the same, bit for bit), kept for the next edit."""
+        kept_key = ("preview", *key, candidate, size)
+        kept = self.decodes.get(kept_key, request)
         if kept is not None:
             return kept
         with torch.inference_mode():
-            low = decoded.logits[index, candidate][None].float()
+            low = part.logits[candidate][None].float()
             upscaled = upscale_logits(low, embedding.resized_size, size)[0].contiguous()
-        self.decodes.put(key, upscaled, upscaled.element_size() * upscaled.nelement(), request)
+        self.decodes.put(kept_key, upscaled, upscaled.element_size() * upscaled.nelement(), request)
         return upscaled
 
     def _thumbnails(
-        self, embedding: Embedding, decoded: Decoded, active: int, preview: tuple[int, int], request: int
+        self, embedding: Embedding, key: tuple, part: ObjectDecode, preview: tuple[int, int], request: int
     ) -> tuple[tuple[np.ndarray, float], ...]:
         width, height = preview
         scale = min(1.0, THUMBNAIL_SIDE / max(width, height))
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        key = ("thumbnails", embedding.key, decoded.prompt.objects[active], decoded.hq_token_only, size)
-        kept = self.decodes.get(key, request)
+        kept_key = ("thumbnails", *key, size)
+        kept = self.decodes.get(kept_key, request)
         if kept is not None:
             return kept
-        logits = decoded.logits.float()
         with torch.inference_mode():
             thumbnails = tuple(
                 (
-                    to_numpy_labels(compose_label_map(logits[active, i][None], embedding.resized_size, size), 1),
-                    float(decoded.scores[active, i]),
+                    to_numpy_labels(compose_label_map(part.logits[i][None].float(), embedding.resized_size, size), 1),
+                    float(part.scores[i]),
                 )
-                for i in range(decoded.counts[active])
+                for i in range(part.count)
             )
-        self.decodes.put(key, thumbnails, sum(mask.nbytes for mask, _ in thumbnails), request)
+        self.decodes.put(kept_key, thumbnails, sum(mask.nbytes for mask, _ in thumbnails), request)
         return thumbnails
 
     def full(
@@ -320,14 +323,16 @@ class LocalBackend:
         hq_only: bool,
         reuse: Any = None,
     ) -> FullMap:
-        """The full-size label map for downloads (the API's map for the same prompt and candidates), from the
-        kept per-object decodes. `reuse` is accepted and ignored: the decode cache serves the same purpose."""
+        """The full-size label map for downloads: the API's map for the same prompt and candidates, bit for bit,
+        so the whole prompt is decoded as the API decodes it (its objects batched by layout). The kept
+        per-object decodes are not used here: the decoder's batches agree with a lone object's decode only to
+        float rounding, and the downloads promise the API's bytes. `reuse` is accepted and ignored."""
         segmenter = self.segmenter(model)
         embedding, cached = self.embedding(model, picture)
         prompt = self._parse(segmenter, embedding, points, labels, boxes)
         # the one full-size map of a download costs what an API request for it would: the same work limit
         self.registry.limits.check_work(len(prompt), 1, embedding.width, embedding.height)
-        decoded, _ = self._decode(segmenter, embedding, prompt, hq_only, self.decodes.request())
+        decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only)
         best: LabelMap = segmenter.compose(embedding, decoded, choices=[plan]).best
         return FullMap(best.labels, best.objects, cached, embedding.grid_tokens, prompt.point_count)
 
