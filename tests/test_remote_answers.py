@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import make_picture
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from live_server import LiveServer
 from PIL import Image
 
@@ -84,7 +84,14 @@ BAD_ANSWERS = {
     "not base64": (lambda w, h: {"created": 1, "data": [{"b64_json": "%%%", "segments": [segment()]}]}, "not base64"),
     "not a segmentation answer": (lambda w, h: {"data": "nothing"}, "not a segmentation answer"),
     "not JSON": (lambda w, h: "<html>oops</html>", "not a segmentation answer"),
+    "a body longer than any map (streamed)": (lambda w, h: _endless(), "more than"),
 }
+
+
+def _endless():
+    """64 MiB of JSON whitespace in 1 MiB chunks, no Content-Length: the page must stop reading early."""
+    for _ in range(64):
+        yield b" " * 2**20
 
 
 def _rgb_png(width: int, height: int) -> bytes:
@@ -114,6 +121,8 @@ def remote():
         made = BAD_ANSWERS[state["mode"]][0](width, height)
         if isinstance(made, str):
             return Response(made, media_type="text/html")
+        if not isinstance(made, dict):
+            return StreamingResponse(made, media_type="application/json")
         return Response(json.dumps(made), media_type="application/json")  # NaN as JSON's NaN literal
 
     with LiveServer(fake) as live:

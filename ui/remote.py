@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ log = logging.getLogger("ui.remote")
 # What a model id may look like: a hub id (owner/name) or a folder path; nothing that could close a quote
 MODEL_ID = re.compile(r"[A-Za-z0-9_./-]{1,200}", re.ASCII)
 MAX_MODELS = 64
+MiB = 1024 * 1024
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,7 +66,10 @@ class RemoteBackend:
         self.url = url.rstrip("/")
         self.settings = settings
         # an explicit key only: the page must not pick up $SAMHQ_API_KEY meant for other clients
-        self.client = SegmentationClient(self.url, api_key=api_key or "", timeout=timeout)
+        self._limit = threading.local()  # the most bytes the answer to this thread's call may have
+        self.client = SegmentationClient(
+            self.url, api_key=api_key or "", timeout=timeout, event_hooks={"response": [self._bound_answer]}
+        )
         self.limits = Limits.from_settings(settings)
         try:
             listed = self.client.models()
@@ -199,10 +204,14 @@ class RemoteBackend:
             options["size"] = size
         if hq_only:
             options["hq_token_only"] = True
+        width, height = (int(v) for v in size.split("x")) if size else (picture.width, picture.height)
+        self._limit.bytes = n * _png_bound(width, height, len(points)) * 4 // 3 + MiB  # base64, JSON around it
         try:
             return self.client.images.segment(
                 image=_bytes(picture), segment_prompt=points, model=model, box_prompt=boxes, **options
             )
+        except AnswerTooLarge as error:
+            raise self._bad_answer(f"more than {error.limit / MiB:.1f} MB where its maps need less") from None
         except SegmentationAPIError as error:
             raise _page_error(error, self.url) from None
         except (ValueError, TypeError):  # not JSON, or JSON that is not a segmentation answer (pydantic's)
@@ -218,6 +227,17 @@ class RemoteBackend:
                 "check that it runs and that --backend names it.",
                 "backend_unreachable",
             ) from None
+
+    def _bound_answer(self, response: httpx.Response) -> None:
+        """httpx's response hook, run before the body is read: a body longer than this call's bound (1 MiB
+        for anything but a segmentation) is refused by its Content-Length, or cut off once that many bytes came."""
+        limit = getattr(self._limit, "bytes", MiB)
+        self._limit.bytes = MiB
+        announced = response.headers.get("content-length", "")
+        if announced.isdigit() and int(announced) > limit:
+            response.close()
+            raise AnswerTooLarge(limit)
+        response.stream = _BoundedStream(response.stream, limit)
 
     def _bad_answer(self, what: str) -> BackendError:
         log.warning("the segmentation server at %s answered %s", self.url, what)
@@ -243,10 +263,9 @@ class RemoteBackend:
         return [(self._label_map(mask, width, height, objects), self._segments(mask, objects)) for mask in data]
 
     def _label_map(self, mask: Mask, width: int, height: int, objects: int) -> np.ndarray:
-        depth = 8 if objects <= 255 else 16
         encoded = mask.b64_json or ""
         # a label-map PNG is never much larger than its raw pixels: refuse a larger one before decoding base64
-        if len(encoded) > 4 * ((width * height * depth // 8 + height + 2**20) // 3 + 1):
+        if len(encoded) > 4 * (_png_bound(width, height, objects) // 3 + 1):
             raise self._bad_answer(f"a label map far larger than a {width}x{height} one")
         try:
             data = base64.b64decode(encoded, validate=True)
@@ -279,6 +298,39 @@ class RemoteBackend:
         if not all(math.isfinite(s.score) and s.area >= 0 for s in segments):
             raise self._bad_answer("segments with scores that are not numbers")
         return segments
+
+
+class AnswerTooLarge(Exception):
+    """The remote's answer is longer than the maps asked for can be."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
+
+class _BoundedStream(httpx.SyncByteStream):
+    """A response body that raises AnswerTooLarge once more than `limit` bytes have come, instead of
+    reading (and holding) whatever the server sends."""
+
+    def __init__(self, inner: Any, limit: int):
+        self.inner, self.limit = inner, limit
+
+    def __iter__(self):
+        seen = 0
+        for chunk in self.inner:
+            seen += len(chunk)
+            if seen > self.limit:
+                raise AnswerTooLarge(self.limit)
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _png_bound(width: int, height: int, objects: int) -> int:
+    """The most bytes a label-map PNG of width × height needs: its raw rows (8-bit, 16-bit beyond 255
+    objects, a filter byte a row) and a MiB for zlib and chunks."""
+    return width * height * (1 if objects <= 255 else 2) + height + MiB
 
 
 def plausible_models(listed: list, url: str) -> tuple[str, ...]:
