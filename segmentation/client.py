@@ -130,14 +130,21 @@ class _Images:
 
 
 class SegmentationClient:
-    """Synchronous client. `api_key` defaults to $SAMHQ_API_KEY."""
+    """Synchronous client. `api_key` defaults to $SAMHQ_API_KEY. `event_hooks`: httpx's, e.g. a response hook
+    that bounds what a server may send (the page's remote backend does)."""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:7860", api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        base_url: str = "http://127.0.0.1:7860",
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        event_hooks: dict[str, list] | None = None,
     ):
         self.timeout = timeout
         api_key = api_key if api_key is not None else os.environ.get("SAMHQ_API_KEY")
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout)
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, event_hooks=event_hooks
+        )
         self.images = _Images(self)
 
     def models(self) -> list[str]:

@@ -133,6 +133,51 @@ class Decoded:
         GPU memory outside the cache's budget is not spent on it, and it pickles anywhere."""
         return dataclasses.replace(self, logits=self.logits.cpu())
 
+    def part(self, index: int) -> ObjectDecode:
+        """Object `index`'s share of this decode, compact and in host memory: what a caller keeps per object
+        so that an edit decodes only the objects it changes (`from_parts` puts a Decoded back together)."""
+        count = self.counts[index]
+        logits = self.logits[index, :count].to("cpu").clone()  # a copy: never a view pinning the whole batch
+        return ObjectDecode(logits=logits, scores=self.scores[index].copy(), count=count)
+
+    @classmethod
+    def from_parts(
+        cls,
+        embedding_key: str,
+        prompt: Prompt,
+        hq_token_only: bool,
+        parts: Sequence[ObjectDecode],
+        timings: dict[str, float] | None = None,
+    ) -> Decoded:
+        """The Decoded of `prompt` from its objects' parts (in the prompt's order): the same logits and
+        scores a decode of the whole prompt gives, since each object is decoded as if alone."""
+        if len(parts) != len(prompt):
+            raise ValueError(f"{len(parts)} parts for a prompt of {len(prompt)} objects")
+        rows = [part.logits[[min(i, part.count - 1) for i in range(MAX_CANDIDATES)]] for part in parts]
+        return cls(
+            embedding_key=embedding_key,
+            prompt=prompt,
+            hq_token_only=hq_token_only,
+            logits=torch.stack(rows),
+            scores=np.stack([part.scores for part in parts]),
+            counts=tuple(part.count for part in parts),
+            timings=dict(timings or {}),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ObjectDecode:
+    """One object's decode: its distinct ranked candidates (count, 256, 256) on the host, and the scores
+    of all MAX_CANDIDATES ranks (an object with one candidate repeats it, as `Decoded` does)."""
+
+    logits: torch.Tensor
+    scores: np.ndarray
+    count: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.logits.element_size() * self.logits.nelement() + self.scores.nbytes
+
 
 def default_cache_bytes(device: torch.device) -> int:
     """Host RAM is plentiful next to a GPU's; a ViT-B entry is 18 MB in float32, 9 MB in half precision."""
@@ -515,6 +560,7 @@ class Segmenter:
 
 __all__ = [
     "Decoded",
+    "ObjectDecode",
     "Embedding",
     "LabelMap",
     "ObjectResult",

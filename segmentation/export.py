@@ -159,6 +159,12 @@ def _python(value: Any) -> str:
     return json.dumps(value).replace("null", "None").replace("true", "True").replace("false", "False")
 
 
+def _quoted(text: str) -> str:
+    """`text` as a Python string literal (double quotes, escapes as JSON writes them): a model id, a URL or a
+    file name that came from elsewhere (a remote server lists the model ids) is data in the snippet, never code."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
 def api_snippets(
     base_url: str,
     model: str,
@@ -175,7 +181,9 @@ def api_snippets(
     `candidate` is the ranked candidate every object takes (the API's i-th map): the call asks for
     `n = candidate + 1` maps and reads the last, so it reproduces exactly the map shown. `boxes`: one
     `[x0, y0, x1, y1]` or None per object (the API's `box_prompt`), or None when no object has a box.
+    Every string (URL, model id, file name) is written quoted (`_quoted`), whatever it contains.
     """
+    url, model_text, image_text = _quoted(base_url), _quoted(model), _quoted(image_name)
     prompt = json.dumps(points)
     point_labels = json.dumps(labels)
     options = ""
@@ -195,15 +203,15 @@ def api_snippets(
         extra["n"] = candidate + 1
     if extra:
         sdk_extra = f"\n    extra_body={_python(extra)},"
-    return f'''# Our client (pip install httpx pydantic numpy pillow; this repository's segmentation/client.py)
+    return f"""# Our client (pip install httpx pydantic numpy pillow; this repository's segmentation/client.py)
 from segmentation.client import SegmentationClient
 
-with SegmentationClient("{base_url}") as client:   # api_key="..." if the server requires one
+with SegmentationClient({url}) as client:   # api_key="..." if the server requires one
     response = client.images.segment(
-        image="{image_name}",
+        image={image_text},
         segment_prompt={prompt},
         point_labels={point_labels},
-        model="{model}",{options}
+        model={model_text},{options}
     )
 labels = response.data[{candidate}].to_array()   # H×W label map: 0 background, k = k-th object
 
@@ -211,13 +219,13 @@ labels = response.data[{candidate}].to_array()   # H×W label map: 0 background,
 import base64
 from air import AIRefinery
 
-client = AIRefinery(api_key="YOUR_KEY", base_url="{base_url}")
-with open("{image_name}", "rb") as f:
+client = AIRefinery(api_key="YOUR_KEY", base_url={url})
+with open({image_text}, "rb") as f:
     image = base64.b64encode(f.read()).decode()
 response = client.images.segment(
     image=image,
     segment_prompt={prompt},
-    model="{model}",
+    model={model_text},
     point_labels={point_labels},{sdk_extra}
 )
-'''
+"""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,28 @@ def compose_label_map(
             labels = _claim(wins, values, labels)
             torch.maximum(best, chunk_best, out=best)
         del chunk_best, values
+    return labels
+
+
+@torch.inference_mode()
+def compose_upscaled(upscaled: Iterable[torch.Tensor], n_objects: int) -> torch.Tensor:
+    """The label map `compose_label_map` gives, from each object's logits already upscaled to the map's size
+    ((H, W) each, in prompt order): > 0 claims a pixel, the highest logit wins, ties go to the earlier object.
+    A caller that keeps each object's upscaled logits composes a map in a few passes per object; `upscaled`
+    may be a generator, so no more than one object's upscaled logits need exist besides the running best."""
+    dtype = _device_label_dtype(n_objects)
+    labels = best = wins = None
+    for value, logits in enumerate(upscaled, start=1):
+        if labels is None:
+            wins = logits > 0
+            labels = torch.zeros(logits.shape, dtype=dtype, device=logits.device).masked_fill_(wins, value)
+            best = logits.clamp_min(0)
+        else:
+            torch.gt(logits, best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
+            labels.masked_fill_(wins, value)
+            torch.maximum(best, logits, out=best)
+    if labels is None:
+        raise ValueError("no objects to compose")
     return labels
 
 

@@ -59,6 +59,7 @@ class Settings:
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
     compile: bool = False  # SAMHQ_COMPILE: torch.compile the image encoder at load
     threads: int = 0  # SAMHQ_THREADS: torch CPU threads; 0 = the cores this process may use
+    ui_decode_mb: int = 256  # SAMHQ_UI_DECODE_MB: the page's per-object decodes kept for all sessions together
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -89,4 +90,5 @@ class Settings:
             preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),
             compile=_env_flag("SAMHQ_COMPILE", False),
             threads=_env_int("SAMHQ_THREADS", 0),
+            ui_decode_mb=_env_int("SAMHQ_UI_DECODE_MB", 256),
         )

@@ -1,31 +1,39 @@
 """The page's one seam to the engine. `LocalBackend` runs the served models in this process;
 a remote implementation (for `app.py --backend URL`) can replace it with the same methods.
 
-Per click the page pays for a decode and a label map at PREVIEW size (at most 1024 px): full-size maps
-are built only for downloads. Every way in goes through the same limits as the API: `Segmenter.prepare`
-(formats, the pixel limit before decoding) and `Segmenter.parse` with the settings' object/point limits.
+Per click the page pays for the objects the edit CHANGED and a label map at PREVIEW size (at most 1024
+px): each object's decode (and its logits upscaled to the preview) is kept in a byte-bounded cache
+shared by the sessions (`DecodeCache`), keyed by the picture's embedding and that object's prompt, so a
+one-point edit on a 16-object picture decodes one object and a no-op (select) decodes none. Full-size
+maps are built only for downloads. Every way in goes through the same limits as the API:
+`Segmenter.prepare` (formats, the pixel limit before decoding) and the settings' object/point/work
+limits, checked by `check` on the would-be prompt BEFORE the page stores an edit.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from segmentation.engine import Decoded, Embedding, LabelMap, Segmenter
+from segmentation.decoder import upscale_logits
+from segmentation.engine import MAX_DECODE_BATCH, Embedding, LabelMap, ObjectDecode, Segmenter
 from segmentation.errors import ModelUnavailableError, SegmentationError
-from segmentation.masks import compose_label_map, object_stats, to_numpy_labels
+from segmentation.masks import compose_label_map, compose_upscaled, object_stats, to_numpy_labels
+from segmentation.prompts import Prompt, parse_prompt
 from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 
 from .state import Picture
 
 THUMBNAIL_SIDE = 160
-KEEP_DECODED_BYTES = 4 * 1024 * 1024  # a session keeps its last decode (to switch candidates) only below this
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,10 @@ class Preview:
     labels: np.ndarray  # (preview height, preview width), values 1..n in prompt order
     objects: tuple[PreviewObject, ...]
     thumbnails: tuple[tuple[np.ndarray, float], ...]  # the active one-point object's candidates (mask, score)
-    decoded: Any  # what the backend may reuse on the next call for the same prompt (opaque to the page)
-    reused: bool
+    decoded: Any  # opaque to the page (None: the backends keep what they reuse themselves)
+    reused: bool  # no object had to be decoded for it
     timings: dict[str, float] = field(default_factory=dict)
+    decoded_objects: int = 0  # objects this call ran through the decoder (the others came from the cache)
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,60 @@ class FullMap:
         return float(np.mean([obj.score for obj in self.objects])) if self.objects else 0.0
 
 
+class DecodeCache:
+    """What the page keeps between edits, for all sessions together, within `max_bytes`: per object its
+    decode (`ObjectDecode`, 256 KB per candidate) and its chosen candidate's logits upscaled to the preview.
+    Least recently used first out; entries the request in progress has used are never evicted for it (a
+    prompt larger than the budget keeps what fits instead of pushing out its own objects one by one)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: OrderedDict[Hashable, tuple[Any, int, int]] = OrderedDict()  # key → (value, bytes, request)
+        self._bytes = 0
+        self._requests = 0
+        self._lock = threading.Lock()
+
+    def request(self) -> int:
+        """A new request's stamp: what it touches is kept for it."""
+        with self._lock:
+            self._requests += 1
+            return self._requests
+
+    def get(self, key: Hashable, request: int) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items[key] = (item[0], item[1], request)
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int, request: int) -> bool:
+        """Keep `value` if it fits once older requests' entries are evicted; False when it is not kept."""
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            while self._items and self._bytes + nbytes > self.max_bytes:
+                oldest_key, (_, size, stamp) = next(iter(self._items.items()))
+                if stamp == request:
+                    break
+                del self._items[oldest_key]
+                self._bytes -= size
+            if self._bytes + nbytes > self.max_bytes:
+                return False
+            self._items[key] = (value, nbytes, request)
+            self._bytes += nbytes
+            return True
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class LocalBackend:
     """The served models of this process (a ModelRegistry) behind the few calls the page makes."""
 
@@ -71,6 +134,7 @@ class LocalBackend:
         self.settings = settings
         self._retrying: set[str] = set()
         self._lock = threading.Lock()
+        self.decodes = DecodeCache(settings.ui_decode_mb * MiB)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -126,6 +190,22 @@ class LocalBackend:
                 return cached, True
         return segmenter.embed_with_info(picture.source)
 
+    def check(self, model: str, picture: Picture, points: list, labels: list, boxes: list | None) -> None:
+        """Would the page accept this prompt? The API's object and point limits, coordinates inside the
+        picture and the work limit for a map at preview size, checked from the picture's size alone (no
+        model, no embedding): the page calls it before it stores an edit, so a refused edit leaves nothing."""
+        limits = self.registry.limits
+        prompt = parse_prompt(
+            points,
+            labels,
+            boxes,
+            width=picture.width,
+            height=picture.height,
+            max_objects=limits.max_objects,
+            max_points=limits.max_points,
+        )
+        limits.check_work(len(prompt), 1, *picture.preview)
+
     def preview(
         self,
         model: str,
@@ -137,49 +217,99 @@ class LocalBackend:
         boxes: list | None = None,
         hq_only: bool,
         active: int | None,
-        reuse: Decoded | None = None,
     ) -> Preview:
-        """Decode (or reuse) and compose one label map at preview size; candidates of the active object
-        (when it has one point) as small masks."""
+        """One label map at preview size from the objects' kept decodes (decoding only those not kept) and
+        their kept upscaled logits; the active object's candidates (when it has one point) as small masks."""
         start = time.perf_counter()
         segmenter = self.segmenter(model)
         embedding, _ = self.embedding(model, picture)
         prompt = self._parse(segmenter, embedding, points, labels, boxes)
-        decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only, reuse=reuse)
-        reused = decoded is reuse
-        if not reused:
-            decoded = decoded.on_host()
+        request = self.decodes.request()
+        hq = bool(hq_only and segmenter.hq)  # as the engine applies it: without an HQ token it changes nothing
+        parts, fresh, timings = self._parts(segmenter, embedding, prompt, hq, request)
         n = len(prompt)
         width, height = picture.preview
-        logits = decoded.logits.float()
-        with torch.inference_mode():
-            chosen = logits[torch.arange(n), torch.as_tensor(plan)]
-            label_map = to_numpy_labels(compose_label_map(chosen, embedding.resized_size, (height, width)), n)
+        chosen = [min(plan[i], parts[i].count - 1) for i in range(n)]
+        keys = [(embedding.key, obj, hq) for obj in prompt.objects]
+        # one object at a time: those not kept exist only while they are folded into the map
+        upscaled = (self._upscaled(embedding, keys[i], parts[i], chosen[i], (height, width), request) for i in range(n))
+        label_map = to_numpy_labels(compose_upscaled(upscaled, n), n)
         total = float(label_map.size)
         objects = tuple(
             PreviewObject(
                 value=s.value,
-                score=float(decoded.scores[s.value - 1, plan[s.value - 1]]),
+                score=float(parts[s.value - 1].scores[plan[s.value - 1]]),
                 percent=100.0 * s.area / total,
-                candidate=min(plan[s.value - 1], decoded.counts[s.value - 1] - 1),
-                candidates=decoded.counts[s.value - 1],
+                candidate=chosen[s.value - 1],
+                candidates=parts[s.value - 1].count,
             )
             for s in object_stats(label_map, n)
         )
         thumbnails: tuple[tuple[np.ndarray, float], ...] = ()
-        if active is not None and decoded.counts[active] > 1:
-            scale = min(1.0, THUMBNAIL_SIDE / max(width, height))
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            with torch.inference_mode():
-                thumbnails = tuple(
-                    (
-                        to_numpy_labels(compose_label_map(logits[active, i][None], embedding.resized_size, size), 1),
-                        float(decoded.scores[active, i]),
-                    )
-                    for i in range(decoded.counts[active])
+        if active is not None and parts[active].count > 1:
+            thumbnails = self._thumbnails(embedding, keys[active], parts[active], (width, height), request)
+        timings = {**timings, "page": time.perf_counter() - start}
+        return Preview(label_map, objects, thumbnails, None, fresh == 0, timings, fresh)
+
+    def _parts(
+        self, segmenter: Segmenter, embedding: Embedding, prompt: Prompt, hq: bool, request: int
+    ) -> tuple[list[ObjectDecode], int, dict[str, float]]:
+        """Each object's decode: kept, or decoded now (with the others not kept, batched by layout as the
+        engine does, MAX_DECODE_BATCH at a time so no more than one batch's full decode exists besides the
+        parts) and kept. Returns the parts in prompt order, how many were decoded, and the decoder's time."""
+        keys = [("decode", embedding.key, obj, hq) for obj in prompt.objects]
+        parts: list[ObjectDecode | None] = [self.decodes.get(key, request) for key in keys]
+        missing = [i for i, part in enumerate(parts) if part is None]
+        missing.sort(key=lambda i: prompt.objects[i].layout)  # full batches: the same layout side by side
+        seconds = 0.0
+        for first in range(0, len(missing), MAX_DECODE_BATCH):
+            rows = missing[first : first + MAX_DECODE_BATCH]
+            fresh = segmenter.decode(
+                embedding, Prompt(objects=tuple(prompt.objects[i] for i in rows)), hq_token_only=hq
+            )
+            seconds += fresh.timings.get("decoder", 0.0)
+            for j, i in enumerate(rows):
+                part = fresh.part(j)
+                parts[i] = part
+                self.decodes.put(keys[i], part, part.nbytes, request)
+            del fresh
+        return parts, len(missing), ({"decoder": seconds} if missing else {})  # type: ignore[return-value]
+
+    def _upscaled(
+        self, embedding: Embedding, key: tuple, part: ObjectDecode, candidate: int, size: tuple[int, int], request: int
+    ) -> torch.Tensor:
+        """An object's candidate logits upscaled to the preview (H, W), as `compose_label_map` upscales them
+        (so the map is the same, bit for bit), kept for the next edit."""
+        kept_key = ("preview", *key, candidate, size)
+        kept = self.decodes.get(kept_key, request)
+        if kept is not None:
+            return kept
+        with torch.inference_mode():
+            low = part.logits[candidate][None].float()
+            upscaled = upscale_logits(low, embedding.resized_size, size)[0].contiguous()
+        self.decodes.put(kept_key, upscaled, upscaled.element_size() * upscaled.nelement(), request)
+        return upscaled
+
+    def _thumbnails(
+        self, embedding: Embedding, key: tuple, part: ObjectDecode, preview: tuple[int, int], request: int
+    ) -> tuple[tuple[np.ndarray, float], ...]:
+        width, height = preview
+        scale = min(1.0, THUMBNAIL_SIDE / max(width, height))
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        kept_key = ("thumbnails", *key, size)
+        kept = self.decodes.get(kept_key, request)
+        if kept is not None:
+            return kept
+        with torch.inference_mode():
+            thumbnails = tuple(
+                (
+                    to_numpy_labels(compose_label_map(part.logits[i][None].float(), embedding.resized_size, size), 1),
+                    float(part.scores[i]),
                 )
-        timings = {**decoded.timings, "page": time.perf_counter() - start}
-        return Preview(label_map, objects, thumbnails, decoded, reused, timings)
+                for i in range(part.count)
+            )
+        self.decodes.put(kept_key, thumbnails, sum(mask.nbytes for mask, _ in thumbnails), request)
+        return thumbnails
 
     def full(
         self,
@@ -191,15 +321,18 @@ class LocalBackend:
         *,
         boxes: list | None = None,
         hq_only: bool,
-        reuse: Decoded | None = None,
+        reuse: Any = None,
     ) -> FullMap:
-        """The full-size label map for downloads (the API's map for the same prompt and candidates)."""
+        """The full-size label map for downloads: the API's map for the same prompt and candidates, bit for bit,
+        so the whole prompt is decoded as the API decodes it (its objects batched by layout). The kept
+        per-object decodes are not used here: the decoder's batches agree with a lone object's decode only to
+        float rounding, and the downloads promise the API's bytes. `reuse` is accepted and ignored."""
         segmenter = self.segmenter(model)
         embedding, cached = self.embedding(model, picture)
         prompt = self._parse(segmenter, embedding, points, labels, boxes)
         # the one full-size map of a download costs what an API request for it would: the same work limit
         self.registry.limits.check_work(len(prompt), 1, embedding.width, embedding.height)
-        decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only, reuse=reuse)
+        decoded = segmenter.decode(embedding, prompt, hq_token_only=hq_only)
         best: LabelMap = segmenter.compose(embedding, decoded, choices=[plan]).best
         return FullMap(best.labels, best.objects, cached, embedding.grid_tokens, prompt.point_count)
 
@@ -209,11 +342,3 @@ class LocalBackend:
         return segmenter.parse(
             embedding, points, labels, boxes, max_objects=limits.max_objects, max_points=limits.max_points
         )
-
-    @staticmethod
-    def keepable(decoded: Decoded | None) -> Decoded | None:
-        """A decode small enough to keep in a session (a few objects), else None."""
-        if decoded is None:
-            return None
-        size = decoded.logits.element_size() * decoded.logits.nelement()
-        return decoded if size <= KEEP_DECODED_BYTES else None

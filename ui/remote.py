@@ -5,12 +5,25 @@ our client (`segmentation.client`: httpx, no torch), so a page process holds no 
 picture's bytes: the remote server finds its embedding by their digest, so only the first click pays for
 the encoder. The per-click map comes back at PREVIEW size (`size=`), the downloads' map at full size;
 a one-point object's three candidates come from `n=3`. The remote's refusals become page messages.
+
+The remote is untrusted input: the model ids it lists must look like model ids (and are only ever written
+into a snippet quoted), and every answer is checked before it is used — as many maps as asked, each a
+grayscale label-map PNG whose size, read from its header BEFORE it is decoded, is the size asked for,
+values within the prompt's objects, one finite score per object. Anything else is a 502 with words a
+person understands (`BackendError`), never an exception out of the page.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import logging
+import math
+import re
+import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +34,21 @@ from PIL import Image
 
 from segmentation.client import SegmentationAPIError, SegmentationClient
 from segmentation.images import load_image
-from segmentation.schemas import SegmentationResponse
+from segmentation.limits import Limits
+from segmentation.prompts import parse_prompt
+from segmentation.schemas import Mask, Segment, SegmentationResponse
 from segmentation.settings import Settings
 
 from .backend import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject
 from .state import Picture
 
 log = logging.getLogger("ui.remote")
+
+# What a model id may look like: a hub id (owner/name) or a folder path; nothing that could close a quote
+MODEL_ID = re.compile(r"[A-Za-z0-9_./-]{1,200}", re.ASCII)
+MAX_MODELS = 64
+MiB = 1024 * 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class BackendError(Exception):
@@ -45,12 +66,17 @@ class RemoteBackend:
         self.url = url.rstrip("/")
         self.settings = settings
         # an explicit key only: the page must not pick up $SAMHQ_API_KEY meant for other clients
-        self.client = SegmentationClient(self.url, api_key=api_key or "", timeout=timeout)
+        self._limit = threading.local()  # the most bytes the answer to this thread's call may have
+        self.client = SegmentationClient(
+            self.url, api_key=api_key or "", timeout=timeout, event_hooks={"response": [self._bound_answer]}
+        )
+        self.limits = Limits.from_settings(settings)
         try:
-            served = tuple(self.client.models())
-        except (SegmentationAPIError, httpx.HTTPError) as error:
+            listed = self.client.models()
+        except (SegmentationAPIError, httpx.HTTPError, ValueError, KeyError, TypeError) as error:
             log.warning("could not list the models of %s (%s): offering %s", self.url, error, settings.model)
-            served = ()
+            listed = []
+        served = plausible_models(listed if isinstance(listed, list) else [], self.url)
         self._models = served or (settings.model,)
         self._default = settings.model if settings.model in self._models else self._models[0]
 
@@ -75,7 +101,23 @@ class RemoteBackend:
         """Have the remote embed the picture (one cheap call: a centre point, a 1×1 answer)."""
         centre = [[[picture.width / 2, picture.height / 2]]]
         response = self._segment(model, picture, centre, None, None, n=1, size="1x1", hq_only=False)
+        self._answer(response, 1, "1x1")
         return hashlib.sha256(_bytes(picture)).hexdigest(), _cached(response)
+
+    def check(self, model: str, picture: Picture, points: list, labels: list, boxes: list | None) -> None:
+        """Would the page accept this prompt? The same limits as this process's API (the remote applies its
+        own too): objects, points, coordinates, and the work of the remote's maps (at the picture's size)."""
+        prompt = parse_prompt(
+            points,
+            labels,
+            boxes,
+            width=picture.width,
+            height=picture.height,
+            max_objects=self.limits.max_objects,
+            max_points=self.limits.max_points,
+        )
+        n = 3 if any(_ambiguous(points, boxes)) else 1
+        self.limits.check_work(len(prompt), n, picture.width, picture.height)
 
     def preview(
         self,
@@ -88,7 +130,6 @@ class RemoteBackend:
         boxes: list | None = None,
         hq_only: bool,
         active: int | None,
-        reuse: Any = None,
     ) -> Preview:
         """One label map at preview size. The API's i-th map gives every object its i-th candidate, so the
         map shown uses the one-point objects' shared choice (their first candidate when they differ)."""
@@ -97,9 +138,9 @@ class RemoteBackend:
         width, height = picture.preview
         n = 3 if any(ambiguous) else 1
         response = self._segment(model, picture, points, labels, boxes, n=n, size=f"{width}x{height}", hq_only=hq_only)
-        shared = min(_shared_choice(plan, ambiguous), len(response.data) - 1)
-        chosen = response.data[shared]
-        label_map = chosen.to_array()
+        maps = self._answer(response, n, f"{width}x{height}", objects=len(points))
+        shared = min(_shared_choice(plan, ambiguous), len(maps) - 1)
+        label_map, chosen = maps[shared]
         total = float(label_map.size)
         objects = tuple(
             PreviewObject(
@@ -107,17 +148,16 @@ class RemoteBackend:
                 score=s.score,
                 percent=100.0 * s.area / total,
                 candidate=shared if ambiguous[s.value - 1] else 0,
-                candidates=len(response.data) if ambiguous[s.value - 1] else 1,
+                candidates=len(maps) if ambiguous[s.value - 1] else 1,
             )
-            for s in chosen.segments
+            for s in chosen
         )
         thumbnails: tuple[tuple[np.ndarray, float], ...] = ()
-        if active is not None and ambiguous[active] and len(response.data) > 1:
+        if active is not None and ambiguous[active] and len(maps) > 1:
             scale = min(1.0, THUMBNAIL_SIDE / max(width, height))
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             thumbnails = tuple(
-                (_thumbnail(mask.to_array() == active + 1, size), float(mask.segments[active].score))
-                for mask in response.data
+                (_thumbnail(labels == active + 1, size), float(segments[active].score)) for labels, segments in maps
             )
         timings = {"page": time.perf_counter() - start}
         return Preview(label_map, objects, thumbnails, None, False, timings)
@@ -137,21 +177,17 @@ class RemoteBackend:
         """The full-size map of the downloads: the remote's own answer for the prompt (the API's bytes)."""
         candidate = _shared_choice(plan, _ambiguous(points, boxes))
         response = self._segment(model, picture, points, labels, boxes, n=candidate + 1, size=None, hq_only=hq_only)
-        chosen = response.data[min(candidate, len(response.data) - 1)]
+        maps = self._answer(response, candidate + 1, f"{picture.width}x{picture.height}", objects=len(points))
+        label_map, segments = maps[min(candidate, len(maps) - 1)]
         usage = response.usage
         details = usage.input_tokens_details if usage else None
         return FullMap(
-            labels=chosen.to_array(),
-            objects=tuple(chosen.segments),
+            labels=label_map,
+            objects=tuple(segments),
             cached=_cached(response),
             image_tokens=details.image_tokens if details else 0,
             point_tokens=details.point_tokens if details else 0,
         )
-
-    @staticmethod
-    def keepable(decoded: Any) -> None:
-        """Nothing to keep between clicks here: the remote caches the embedding."""
-        return None
 
     def close(self) -> None:
         self.client.close()
@@ -168,12 +204,18 @@ class RemoteBackend:
             options["size"] = size
         if hq_only:
             options["hq_token_only"] = True
+        width, height = (int(v) for v in size.split("x")) if size else (picture.width, picture.height)
+        self._limit.bytes = n * _png_bound(width, height, len(points)) * 4 // 3 + MiB  # base64, JSON around it
         try:
             return self.client.images.segment(
                 image=_bytes(picture), segment_prompt=points, model=model, box_prompt=boxes, **options
             )
+        except AnswerTooLarge as error:
+            raise self._bad_answer(f"more than {error.limit / MiB:.1f} MB where its maps need less") from None
         except SegmentationAPIError as error:
             raise _page_error(error, self.url) from None
+        except (ValueError, TypeError):  # not JSON, or JSON that is not a segmentation answer (pydantic's)
+            raise self._bad_answer("something that is not a segmentation answer") from None
         except httpx.TimeoutException:
             raise BackendError(
                 504, f"The segmentation server at {self.url} did not answer in time: try again.", "backend_timeout"
@@ -185,6 +227,128 @@ class RemoteBackend:
                 "check that it runs and that --backend names it.",
                 "backend_unreachable",
             ) from None
+
+    def _bound_answer(self, response: httpx.Response) -> None:
+        """httpx's response hook, run before the body is read: a body longer than this call's bound (1 MiB
+        for anything but a segmentation) is refused by its Content-Length, or cut off once that many bytes came."""
+        limit = getattr(self._limit, "bytes", MiB)
+        self._limit.bytes = MiB
+        announced = response.headers.get("content-length", "")
+        if announced.isdigit() and int(announced) > limit:
+            response.close()
+            raise AnswerTooLarge(limit)
+        response.stream = _BoundedStream(response.stream, limit)
+
+    def _bad_answer(self, what: str) -> BackendError:
+        log.warning("the segmentation server at %s answered %s", self.url, what)
+        return BackendError(
+            502,
+            f"The segmentation server at {self.url} answered {what}: this page cannot use it. Check that --backend "
+            "names this project's segmentation API (or its Ray Serve application).",
+            "backend_bad_answer",
+        )
+
+    def _answer(
+        self, response: SegmentationResponse, asked: int, size: str, objects: int | None = None
+    ) -> list[tuple[np.ndarray, list[Segment]]]:
+        """The answer's label maps, each checked before use: 1..`asked` maps, each a grayscale PNG of exactly
+        `size` (read from its header before any pixel is decoded), values 0..objects, and one finite score per
+        object. `objects` None: only the count of maps is checked (the 1×1 answer of an embed)."""
+        data = response.data
+        if not 1 <= len(data) <= asked:
+            raise self._bad_answer(f"{len(data)} label maps where 1 to {asked} were asked for")
+        if objects is None:
+            return []
+        width, height = (int(v) for v in size.split("x"))
+        return [(self._label_map(mask, width, height, objects), self._segments(mask, objects)) for mask in data]
+
+    def _label_map(self, mask: Mask, width: int, height: int, objects: int) -> np.ndarray:
+        encoded = mask.b64_json or ""
+        # a label-map PNG is never much larger than its raw pixels: refuse a larger one before decoding base64
+        if len(encoded) > 4 * (_png_bound(width, height, objects) // 3 + 1):
+            raise self._bad_answer(f"a label map far larger than a {width}x{height} one")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise self._bad_answer("a label map that is not base64") from None
+        header = _png_header(data)
+        if header is None:
+            raise self._bad_answer("a label map that is not a PNG")
+        got_width, got_height, bit_depth, colour = header
+        if (got_width, got_height) != (width, height):
+            raise self._bad_answer(f"a {got_width}x{got_height} label map where {width}x{height} was asked for")
+        if colour != 0 or bit_depth not in (8, 16):
+            raise self._bad_answer("a label map that is not a grayscale 8- or 16-bit PNG")
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                image.load()
+                labels = np.asarray(image).astype(np.uint16 if bit_depth == 16 else np.uint8, copy=False)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise self._bad_answer("a label map PNG that cannot be decoded") from None
+        if labels.shape != (height, width):
+            raise self._bad_answer("a label map of another size than its header says")
+        if labels.size and int(labels.max()) > objects:
+            raise self._bad_answer(f"a label map with values beyond its {objects} object(s)")
+        return labels
+
+    def _segments(self, mask: Mask, objects: int) -> list[Segment]:
+        segments = sorted(mask.segments, key=lambda s: s.value)
+        if [s.value for s in segments] != list(range(1, objects + 1)):
+            raise self._bad_answer(f"a label map without one segment per object ({objects})")
+        if not all(math.isfinite(s.score) and s.area >= 0 for s in segments):
+            raise self._bad_answer("segments with scores that are not numbers")
+        return segments
+
+
+class AnswerTooLarge(Exception):
+    """The remote's answer is longer than the maps asked for can be."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
+
+class _BoundedStream(httpx.SyncByteStream):
+    """A response body that raises AnswerTooLarge once more than `limit` bytes have come, instead of
+    reading (and holding) whatever the server sends."""
+
+    def __init__(self, inner: Any, limit: int):
+        self.inner, self.limit = inner, limit
+
+    def __iter__(self):
+        seen = 0
+        for chunk in self.inner:
+            seen += len(chunk)
+            if seen > self.limit:
+                raise AnswerTooLarge(self.limit)
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _png_bound(width: int, height: int, objects: int) -> int:
+    """The most bytes a label-map PNG of width × height needs: its raw rows (8-bit, 16-bit beyond 255
+    objects, a filter byte a row) and a MiB for zlib and chunks."""
+    return width * height * (1 if objects <= 255 else 2) + height + MiB
+
+
+def plausible_models(listed: list, url: str) -> tuple[str, ...]:
+    """The model ids a remote lists that look like model ids (a hub id or a folder path), at most
+    MAX_MODELS; anything else is dropped with a warning (shortened and escaped), never offered or written."""
+    ids = [card for card in listed if isinstance(card, str) and MODEL_ID.fullmatch(card) and ".." not in card]
+    dropped = [card for card in listed if card not in ids]
+    if dropped:
+        log.warning("%s lists %d model id(s) that do not look like one, ignored: %.200r", url, len(dropped), dropped)
+    return tuple(dict.fromkeys(ids))[:MAX_MODELS]
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, without decoding anything."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, bit_depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, bit_depth, colour
 
 
 def _page_error(error: SegmentationAPIError, url: str) -> BackendError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import gzip
 import json
 import logging
@@ -168,8 +169,10 @@ class PageRoutes:
 
     # ---- the segmentation of a session ----------------------------------------------------
 
-    def render(self, entry: Entry) -> tuple[Preview | None, str]:
-        session = entry.session
+    def render(self, entry: Entry, session: st.Session | None = None) -> tuple[Preview | None, str]:
+        """The preview of `session` (default: the entry's). The backend decodes only the objects whose
+        prompt it has not kept, so a no-op decodes nothing and a one-point edit decodes one object."""
+        session = session or entry.session
         if session.picture is None:
             return None, "Upload a picture or pick an example to start."
         prompted = session.prompted()
@@ -186,13 +189,14 @@ class PageRoutes:
             boxes=_boxes(prompted),
             hq_only=session.hq_only,
             active=active,
-            reuse=entry.decoded,
         )
-        entry.decoded = self.backend.keepable(preview.decoded)
         if preview.reused:
-            decoder = "decoder: same prompt, reused"
+            decoder = "decoder: nothing changed, kept"
         elif "decoder" in preview.timings:
-            decoder = f"decoder {preview.timings['decoder'] * 1e3:.0f} ms"
+            decoder = (
+                f"decoder {preview.timings['decoder'] * 1e3:.0f} ms "
+                f"({preview.decoded_objects} of {len(prompted)} object(s), the rest kept)"
+            )
         else:  # a remote backend: the whole call is what this process sees
             decoder = "remote"
         active_box = session.active_object.box
@@ -204,56 +208,28 @@ class PageRoutes:
         return preview, status
 
     def apply(self, entry: Entry, body: dict[str, Any]) -> dict[str, Any]:
-        """One edit from the browser, then the new view."""
+        """One edit from the browser, then the new view. The edit is made on a draft of the session whose
+        prompt must pass the limits (objects, points, coordinates, work) and then render; only then is it
+        stored. A refused edit leaves the session as it was, as the browser, which drops it, assumes."""
         session = entry.session
-        op = body.get("op")
-        if op == "click":
-            if session.picture is None:
-                raise ValueError("Upload a picture first, or pick one of the examples.")
-            st.add_point(session, _number(body, "x"), _number(body, "y"), bool(body.get("include", True)))
-        elif op == "box":
-            if session.picture is None:
-                raise ValueError("Upload a picture first, or pick one of the examples.")
-            st.set_box(session, *(_number(body, name) for name in ("x0", "y0", "x1", "y1")))
-        elif op == "undo":
-            st.undo_point(session)
-        elif op == "redo":
-            st.redo_point(session)
-        elif op == "new":
-            st.new_object(session)
-        elif op == "delete":
-            st.delete_object(session)
-        elif op == "select":
-            st.select_object(session, int(_number(body, "number")))
-        elif op == "choose":
-            st.choose_candidate(session, int(_number(body, "candidate")))
-        elif op == "clear":
-            st.clear_all(session)
-        elif op == "settings":
-            if "hq_only" in body:
-                st.set_hq_only(session, bool(body["hq_only"]))
-            if "model" in body and body["model"] != session.model:
-                model = str(body["model"])
-                if model not in self.backend.models:
-                    raise ValueError(f"Model {model!r} is not served here.")
-                session.model = model
-                entry.decoded = None
-                if session.picture is not None:
-                    session.picture = _replace_key(session.picture, None)
-                st.changed(session)
-        elif op == "embed":
-            pass
-        else:
-            raise ValueError(f"Unknown edit {op!r}.")
-        if session.picture is not None and session.picture.key is None:
+        draft = copy.deepcopy(session)
+        op = _edit(draft, body, self.backend.models)
+        prompted = draft.prompted()
+        if draft.picture is not None and prompted:
+            self.backend.check(
+                draft.model, draft.picture, [o.points for o in prompted], [o.labels for o in prompted], _boxes(prompted)
+            )
+        if draft.picture is not None and draft.picture.key is None:
             start = time.perf_counter()
-            key, cached = self.backend.embed(session.model, session.picture)
-            session.picture = _replace_key(session.picture, key)
-            if op == "embed" or not session.prompted():
+            key, cached = self.backend.embed(draft.model, draft.picture)
+            draft.picture = _replace_key(draft.picture, key)
+            if op == "embed" or not prompted:
+                vars(session).update(vars(draft))
                 give_memory_back()
                 how = "from the cache" if cached else f"computed in {time.perf_counter() - start:.2f} s"
                 return self.view(entry, None, f"Picture ready — embedding {how}. Click on it to add a point.")
-        preview, status = self.render(entry)
+        preview, status = self.render(entry, draft)
+        vars(session).update(vars(draft))
         return self.view(entry, preview, status)
 
     # ---- pictures -------------------------------------------------------------------------
@@ -421,6 +397,47 @@ def _send_file(file: IO[bytes], name: str, accepts_gzip: bool) -> Response:
                 yield chunk
 
     return StreamingResponse(chunks(), media_type=media, headers=headers)
+
+
+def _edit(session: st.Session, body: dict[str, Any], models: tuple[str, ...]) -> str:
+    """Apply the browser's edit `body` to `session` (a draft): its op, or ValueError for a bad one."""
+    op = body.get("op")
+    if op == "click":
+        if session.picture is None:
+            raise ValueError("Upload a picture first, or pick one of the examples.")
+        st.add_point(session, _number(body, "x"), _number(body, "y"), bool(body.get("include", True)))
+    elif op == "box":
+        if session.picture is None:
+            raise ValueError("Upload a picture first, or pick one of the examples.")
+        st.set_box(session, *(_number(body, name) for name in ("x0", "y0", "x1", "y1")))
+    elif op == "undo":
+        st.undo_point(session)
+    elif op == "redo":
+        st.redo_point(session)
+    elif op == "new":
+        st.new_object(session)
+    elif op == "delete":
+        st.delete_object(session)
+    elif op == "select":
+        st.select_object(session, int(_number(body, "number")))
+    elif op == "choose":
+        st.choose_candidate(session, int(_number(body, "candidate")))
+    elif op == "clear":
+        st.clear_all(session)
+    elif op == "settings":
+        if "hq_only" in body:
+            st.set_hq_only(session, bool(body["hq_only"]))
+        if "model" in body and body["model"] != session.model:
+            model = str(body["model"])
+            if model not in models:
+                raise ValueError(f"Model {model!r} is not served here.")
+            session.model = model
+            if session.picture is not None:
+                session.picture = _replace_key(session.picture, None)
+            st.changed(session)
+    elif op != "embed":
+        raise ValueError(f"Unknown edit {op!r}.")
+    return op
 
 
 def _ambiguous(obj: st.ObjectPrompt) -> bool:
