@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,44 +21,9 @@ from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 
 from .state import Picture
+from .types import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject  # noqa: F401  (re-exported: the page's types)
 
-THUMBNAIL_SIDE = 160
 KEEP_DECODED_BYTES = 4 * 1024 * 1024  # a session keeps its last decode (to switch candidates) only below this
-
-
-@dataclass(frozen=True)
-class PreviewObject:
-    value: int  # in the label map: 1..n in prompt order
-    score: float
-    percent: float  # of the picture's pixels
-    candidate: int
-    candidates: int
-
-
-@dataclass(frozen=True)
-class Preview:
-    labels: np.ndarray  # (preview height, preview width), values 1..n in prompt order
-    objects: tuple[PreviewObject, ...]
-    thumbnails: tuple[tuple[np.ndarray, float], ...]  # the active one-point object's candidates (mask, score)
-    decoded: Any  # what the backend may reuse on the next call for the same prompt (opaque to the page)
-    reused: bool
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FullMap:
-    """The full-size label map of the downloads (the API's map for the same prompt and candidates)."""
-
-    labels: np.ndarray  # (height, width), values 1..n in prompt order
-    objects: tuple[Any, ...]  # per object: value, score, area, bbox (as the API's segments)
-    cached: bool  # the picture's embedding came from the cache
-    image_tokens: int
-    point_tokens: int  # one per point, two per box (as the API counts them)
-
-    @property
-    def score(self) -> float:
-        """Mean predicted IoU of its objects (the API's `score` of a map)."""
-        return float(np.mean([obj.score for obj in self.objects])) if self.objects else 0.0
 
 
 class LocalBackend:

@@ -24,8 +24,8 @@ from segmentation.images import load_image
 from segmentation.schemas import SegmentationResponse
 from segmentation.settings import Settings
 
-from .backend import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject
 from .state import Picture
+from .types import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject
 
 log = logging.getLogger("ui.remote")
 

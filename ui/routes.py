@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import numpy as np
@@ -36,9 +36,12 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 
 from . import pictures
 from . import state as st
-from .backend import LocalBackend, Preview
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore
+from .types import Preview
+
+if TYPE_CHECKING:  # the engine's backend: imported only by a process that runs the models (ui.page)
+    from .backend import LocalBackend
 
 log = logging.getLogger("ui")
 

@@ -16,8 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from segmentation.engine import Decoded
+from typing import Any
 
 from .state import Session
 
@@ -27,7 +26,7 @@ class Entry:
     session: Session
     folder: Path
     lock: threading.Lock = field(default_factory=threading.Lock)  # one edit at a time per session
-    decoded: Decoded | None = None  # the last decode, kept only when small (see LocalBackend.keepable)
+    decoded: Any = None  # the backend's last decode (opaque here), kept only when small (see LocalBackend.keepable)
     touched: float = field(default_factory=time.monotonic)
 
 
