@@ -24,8 +24,8 @@ replica that has REPORTED the id (a replica reports a new id `report` s after it
 in Ray 2.60), else the replicas holding the fewest reported ids; pictures that arrive within the report's
 delay see the same counts and go to the same replica (as observed with 4 simultaneous first clicks on 2
 replicas: all on one). `picture` is our router (segmentation/serving/router.py): a replica that reported
-the picture or that this router sent it to, else the picture's rendezvous ranking with bounded load
-(`placement.bounded_order`, counting the encodes in flight per replica). A replica holds the ids of its
+the picture or that this router sent it to, else bounded load (`placement.bounded_order`, counting the
+encodes in flight per replica), the fewest pictures held, then the picture's rendezvous ranking. A replica holds the ids of its
 last `cache` pictures (LRU, `max_num_models_per_replica`).
 """
 
@@ -148,8 +148,9 @@ def route(
     if holders:
         return rng.choice(holders)
     loads = {s.name: sum(1 for t in s.encodes if t > now) for s in servers}
+    held = {s.name: sum(1 for t in s.reported.values() if t <= now) + loads[s.name] for s in servers}
     by_name = {s.name: s for s in servers}
-    chosen = by_name[bounded_order(str(picture), list(by_name), loads)[0]]
+    chosen = by_name[bounded_order(str(picture), list(by_name), loads, held=held)[0]]
     sent[picture] = chosen
     return chosen
 

@@ -10,8 +10,9 @@ idles. This router decides at once:
    replica has not reported yet: that replica. If it stays full (`max_ongoing_requests`) for the
    matching timeout (1–2 s, `RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S`, as Ray's), the others
    are tried too: the request is served with a re-encode rather than waiting on.
-2. A new picture: its rendezvous ranking of the replicas with bounded load (`placement.bounded_order`),
-   counting the new pictures this router has in flight on each; the first replica in that order that
+2. A new picture: the replicas with bounded load (`placement.bounded_order`), counting the new pictures
+   this router has in flight on each; among those under the bound, the one holding the fewest pictures
+   (reported, plus in flight), then the picture's rendezvous ranking; the first replica in that order that
    accepts (not full, still alive), else the next.
 
 A replica that dies is dropped by Ray's router base class (`on_replica_actor_died`); its pictures are then
@@ -99,7 +100,8 @@ class PictureRouter(MultiplexMixin, RequestRouter):
 
     def _new_picture_order(self, picture: str) -> list[RunningReplica]:
         loads = self._new_picture_loads()
-        ids = bounded_order(picture, self._replicas, loads, self.load_factor, name=lambda r: r.unique_id)
+        held = {r: len(replica.multiplexed_model_ids) + loads.get(r, 0) for r, replica in self._replicas.items()}
+        ids = bounded_order(picture, self._replicas, loads, self.load_factor, name=lambda r: r.unique_id, held=held)
         return [self._replicas[r] for r in ids]
 
     def _new_picture_loads(self) -> dict[ReplicaID, int]:
