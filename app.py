@@ -4,7 +4,9 @@
     python app.py --backend http://segmentation-api:8000 [--backend-key KEY]   # the page alone, no model here
 
 The entry point. The page lives in the `ui` package (a Gradio 6 shell around a browser canvas, its
-JSON routes under /ui, the typed session state); the HTTP API in `segmentation.api`. No torch code here.
+JSON routes under /ui, the typed session state); the HTTP API in `segmentation.api`. No torch code here,
+and with `--backend` nothing here imports torch at all: the page's requirements (requirements-page.txt)
+have none.
 """
 
 from __future__ import annotations
@@ -15,21 +17,21 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from segmentation.api import install_api
 from segmentation.errors import SegmentationError
 from segmentation.guard import RequestGuard
 from segmentation.limits import Limits
-from segmentation.models import fit_cpu_threads
-from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 from ui.clients import parse_proxies
 from ui.login import parse_accounts
 from ui.page import mount_page
 from ui.routes import ASSETS, example_pictures  # noqa: F401  (ASSETS: tests and deployments name it)
+
+if TYPE_CHECKING:  # the models' side, imported only when this process runs them (no --backend)
+    from segmentation.service import ModelRegistry
 
 log = logging.getLogger("app")
 
@@ -88,6 +90,9 @@ def build_app(
         app.state.backend = backend
         app.add_middleware(RequestGuard, limits=Limits.from_settings(settings))  # the body cap, as install_api adds it
         return mount_page(app, None, settings, backend=backend)
+    from segmentation.api import install_api
+    from segmentation.service import ModelRegistry
+
     registry = registry or ModelRegistry(settings)
     app = FastAPI(title="SAM-HQ point segmentation", version="0.1.0")
     install_api(app, registry, settings)
@@ -186,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.backend:  # the page only: no registry, no torch threads, nothing preloaded
         app = build_app(settings, backend_url=args.backend, backend_key=args.backend_key)
     else:
+        from segmentation.models import fit_cpu_threads
+        from segmentation.service import ModelRegistry
+
         fit_cpu_threads(settings.threads)
         registry = ModelRegistry(settings)
         app = build_app(settings, registry)

@@ -328,6 +328,8 @@ def create_router(
     async def list_models() -> ModelList:
         """The models this server serves (each loaded on first use)."""
         cards = []
+        # in a worker thread: a registry whose models live elsewhere (the Ray ingress) asks for their status
+        statuses = await run_in_threadpool(lambda: {name: registry.status(name) for name in registry.served})
         for name in registry.served:
             spec = CATALOG.get(name)
             owner = name.split("/")[0] if "/" in name else "local"
@@ -337,7 +339,7 @@ def create_router(
                     created=_STARTED,
                     owned_by=owner,
                     family=spec.family if spec else None,
-                    status=registry.status(name),
+                    status=statuses[name],
                 )
             )
         return ModelList(data=cards)

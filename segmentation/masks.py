@@ -1,6 +1,8 @@
 """Label maps: composing them from logits, measuring them, and turning them into files.
 
 A label map is one integer image of the picture's size: 0 background, k the k-th object.
+torch is imported only where maps are composed from logits: measuring, encoding and resizing maps is
+numpy, so the page in front of a remote model server uses this module without torch installed.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .decoder import upscale_logits
+if TYPE_CHECKING:
+    import torch
 
 # Memory per request is bounded, not proportional to the objects: at most this many upscaled
 # float32 logits are alive at once (64 MB), besides the running best logit and the label map.
@@ -41,11 +44,22 @@ def label_dtype(n_objects: int) -> np.dtype:
 
 def _device_label_dtype(n_objects: int) -> torch.dtype:
     """The label map's dtype on the model's device (torch has no general uint16: int32 there)."""
+    import torch
+
     return torch.uint8 if n_objects <= 255 else torch.int32
 
 
-@torch.inference_mode()
 def compose_label_map(
+    low_res_logits: torch.Tensor, resized_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """See `_compose_label_map`; in inference mode."""
+    import torch
+
+    with torch.inference_mode():
+        return _compose_label_map(low_res_logits, resized_size, original_size)
+
+
+def _compose_label_map(
     low_res_logits: torch.Tensor, resized_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
     """(N, 256, 256) logits → (H, W) label map on the same device: uint8 up to 255 objects, else int32.
@@ -56,6 +70,10 @@ def compose_label_map(
     object at a time on a large picture), so the peak does not grow with the number of objects:
     about 10 bytes a pixel at 40 megapixels (~400 MB).
     """
+    import torch
+
+    from .decoder import upscale_logits
+
     n = low_res_logits.shape[0]
     height, width = original_size
     dtype = _device_label_dtype(n)
@@ -83,23 +101,25 @@ def compose_label_map(
     return labels
 
 
-@torch.inference_mode()
 def compose_upscaled(upscaled: Iterable[torch.Tensor], n_objects: int) -> torch.Tensor:
     """The label map `compose_label_map` gives, from each object's logits already upscaled to the map's size
     ((H, W) each, in prompt order): > 0 claims a pixel, the highest logit wins, ties go to the earlier object.
     A caller that keeps each object's upscaled logits composes a map in a few passes per object; `upscaled`
     may be a generator, so no more than one object's upscaled logits need exist besides the running best."""
+    import torch
+
     dtype = _device_label_dtype(n_objects)
     labels = best = wins = None
-    for value, logits in enumerate(upscaled, start=1):
-        if labels is None:
-            wins = logits > 0
-            labels = torch.zeros(logits.shape, dtype=dtype, device=logits.device).masked_fill_(wins, value)
-            best = logits.clamp_min(0)
-        else:
-            torch.gt(logits, best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
-            labels.masked_fill_(wins, value)
-            torch.maximum(best, logits, out=best)
+    with torch.inference_mode():
+        for value, logits in enumerate(upscaled, start=1):
+            if labels is None:
+                wins = logits > 0
+                labels = torch.zeros(logits.shape, dtype=dtype, device=logits.device).masked_fill_(wins, value)
+                best = logits.clamp_min(0)
+            else:
+                torch.gt(logits, best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
+                labels.masked_fill_(wins, value)
+                torch.maximum(best, logits, out=best)
     if labels is None:
         raise ValueError("no objects to compose")
     return labels
@@ -107,6 +127,8 @@ def compose_upscaled(upscaled: Iterable[torch.Tensor], n_objects: int) -> torch.
 
 def _claim(wins: torch.Tensor, values: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
     """`labels` with `values` where `wins`: in place for one object's value, else a new map."""
+    import torch
+
     if isinstance(values, int):
         return labels.masked_fill_(wins, values)
     return torch.where(wins, values, labels)

@@ -3,6 +3,10 @@
 The HTTP API and the Gradio UI both go through here, so a picture embedded by one is a
 cache hit for the other, and `segment` enforces the same limits (`segmentation.limits`) for
 every way in.
+
+Importing this module does not import torch: the engine is imported when a registry is built or a map is
+resized, so the page in front of a remote model server (`app.py --backend`) uses the gate and the result
+type without torch installed.
 """
 
 from __future__ import annotations
@@ -17,12 +21,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cache import EmbeddingCache
-from .engine import Embedding, LabelMap, ObjectResult, Segmenter, make_cache
 from .errors import ModelUnavailableError, ResourceExhaustedError, SegmentationError, UnknownModelError
 from .images import upright_size
 from .limits import Limits
@@ -30,6 +33,9 @@ from .masks import encode_png, object_stats, resize_nearest
 from .models import resolve_device
 from .prompts import parse_prompt
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .engine import Embedding, LabelMap, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +58,15 @@ class ModelRegistry:
     def __init__(
         self,
         settings: Settings,
-        loader: Callable[..., Segmenter] = Segmenter.from_pretrained,
+        loader: Callable[..., Segmenter] | None = None,
         retry_after: float = 15.0,
     ):
+        from .engine import Segmenter, make_cache
+
         self.settings = settings
         self.limits = Limits.from_settings(settings)
         self.served = settings.served_models
-        self._loader = loader
+        self._loader = loader or Segmenter.from_pretrained
         self.retry_after = retry_after
         device = resolve_device(settings.device)
         self.cache: EmbeddingCache[Embedding] = make_cache(
@@ -201,6 +209,8 @@ def _file_bytes(image: Any) -> int:
 
 def _resized(label_map: LabelMap, width: int, height: int) -> LabelMap:
     """The map at another size; areas and boxes re-measured so they describe the mask returned."""
+    from .engine import LabelMap, ObjectResult
+
     labels = resize_nearest(label_map.labels, width, height)
     stats = object_stats(labels, len(label_map.objects))
     objects = tuple(

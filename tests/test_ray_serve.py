@@ -1,15 +1,27 @@
-"""The API on Ray Serve, from the outside: a local Ray cluster (loopback, 2 CPUs) with 2 Segmenter replicas of
-the tiny checkpoint, driven over raw HTTP through Ray's proxy and with the vendor SDK.
+"""The API on Ray Serve, from the outside: `python -m segmentation.serving.ray_app` as an operator starts it (its
+own local cluster, loopback, 2 CPUs, 2 Segmenter replicas of the tiny checkpoint), driven over raw HTTP through
+Ray's proxy and with the vendor SDK, inspected with Ray's own `serve status` and `ray list actors`, a replica
+killed by its pid, and stopped with Ctrl-C.
 
-Skipped with the reason where ray[serve] is not installed (requirements-ray.txt) or Ray cannot start.
+Skipped with the reason where ray[serve] is not installed (requirements-ray.txt).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import shlex
+import signal
 import subprocess
+import sys
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,48 +34,101 @@ ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip instal
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
 
 from segmentation.serving.headers import REPLICA_HEADER  # noqa: E402
-from segmentation.serving.ray_app import build, runtime_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the `ray` and `serve` commands of this environment
 SEGMENT = "/v1/images/segmentations"
 CLICKS = 20
 PICTURES = [png_b64(make_picture(200, 120, seed=100 + i)) for i in range(4)]
+READY = "Ctrl-C stops it"
+
+
+@dataclass
+class Cluster:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    env: dict
+    home: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def dashboard(self) -> str:
+        found = re.search(r"dashboard and state API: (\S+)", self.output())
+        assert found, self.output()[-3000:]
+        return found.group(1)
+
+    def command(self, *args: str) -> str:
+        """An operator's command (`ray ...`, `serve ...`) against this cluster, with its HOME (Ray's token) and
+        the variables the command printed to put before them."""
+        name = Path(args[0]).name
+        printed = re.search(rf"^.*INFO __main__:\s+(.*?){name} (list|status)", self.output(), re.MULTILINE)
+        assert printed, self.output()[-3000:]
+        prefix = dict(item.split("=", 1) for item in shlex.split(printed.group(1)))  # e.g. RAY_AUTH_MODE=token
+        done = subprocess.run(args, env={**self.env, **prefix}, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
 
 
 @pytest.fixture(scope="module")
-def ray_url(hf_home):
-    settings = {
+def cluster(hf_home, tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray-home")  # Ray's token file goes to $HOME/.ray: a temporary one here
+    port = free_port()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_ADDRESS": "127.0.0.1:1",  # nothing there: the command must start its own cluster regardless
         "SAMHQ_MODEL": HQ_ID,
         "SAMHQ_MODELS": f"{HQ_ID},{SAM_ID}",
         "SAMHQ_DEVICE": "cpu",
         "SAMHQ_PRELOAD_EXAMPLES": "0",
         "SAMHQ_CACHE_MB": "256",
+        "SAMHQ_RAY_RETRIES": "5",
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
     }
-    try:
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env({**settings, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}),
-            log_to_driver=False,
+    log = home / "ray_app.log"
+    command = [sys.executable, "-m", "segmentation.serving.ray_app", "--port", str(port), "--replicas", "2"]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*command, "--cpus", "1", "--batch"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
         )
-    except Exception as error:  # no shared memory, no sockets, ...: say why and skip
-        pytest.skip(f"Ray cannot start here: {error}")
+    running = Cluster(f"http://127.0.0.1:{port}", process, log, env, home)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"replicas": 2, "cpus": 1, "retries": 5, "batch": True}), name="samhq", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 400
+        while READY not in running.output():
+            assert process.poll() is None, f"ray_app exited with {process.returncode}:\n{running.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"ray_app not ready:\n{running.output()[-4000:]}"
+            time.sleep(0.5)
+        yield running
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
-def click(client: httpx.Client, picture: int, k: int, n: int = 1) -> httpx.Response:
-    """The k-th click on a picture: one object, its points moving like a person's."""
+@pytest.fixture(scope="module")
+def ray_url(cluster):
+    return cluster.url
+
+
+def click(client: httpx.Client, picture: int | str, k: int, n: int = 1) -> httpx.Response:
+    """The k-th click on a picture (an index into PICTURES, or base64): one object, its point moving like a person's."""
     points = [[[20 + (7 * k) % 160, 15 + (11 * k) % 90]]]
-    body = {"model": HQ_ID, "image_prompt": PICTURES[picture], "segment_prompt": points, "n": n}
+    image = PICTURES[picture] if isinstance(picture, int) else picture
+    body = {"model": HQ_ID, "image_prompt": image, "segment_prompt": points, "n": n}
     return client.post(SEGMENT, json=body)
 
 
@@ -139,9 +204,71 @@ def test_every_click_after_the_first_finds_its_picture_cached(ray_url):
     assert len(set.union(*replica_of.values())) == 2, f"all pictures on one replica: {replica_of}"
 
 
-def test_killing_a_replica_mid_run_loses_no_request(ray_url):
-    """4 clients keep clicking; one replica is killed after the first answers. Every request is answered 200
-    (retried on the other replica, which encodes the pictures it did not hold)."""
+def test_new_pictures_arriving_together_spread_over_the_replicas(ray_url):
+    """4 first clicks on 4 new pictures sent at the same instant (before any replica can report what it holds)
+    are encoded on both replicas, at most ceil(4 / 2) + 1 on one; then 5 more clicks on each, 4 clients at
+    once, find their picture cached (>= 95 %) on the replica of its first click."""
+    n, later = 4, 5
+    pictures = [png_b64(make_picture(200, 120, seed=300 + i)) for i in range(n)]
+    together = threading.Barrier(n)
+
+    def first_click(i: int) -> httpx.Response:
+        with httpx.Client(base_url=ray_url, timeout=300) as client:
+            together.wait(timeout=60)
+            return click(client, pictures[i], 0)
+
+    with ThreadPoolExecutor(n) as pool:
+        firsts = list(pool.map(first_click, range(n)))  # returns once every request is answered
+    assert [r.status_code for r in firsts] == [200] * n, [r.text for r in firsts]
+    assert all(tokens(r)[0] == 0 for r in firsts), "each first click encodes its picture"
+    home = [r.headers[REPLICA_HEADER] for r in firsts]
+    per_replica = Counter(home)
+    assert len(per_replica) == 2 and max(per_replica.values()) <= math.ceil(n / 2) + 1, per_replica
+
+    def later_clicks(i: int) -> list[httpx.Response]:
+        with httpx.Client(base_url=ray_url, timeout=300) as client:
+            return [click(client, pictures[i], k) for k in range(1, later + 1)]
+
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(later_clicks, range(n)))
+    hits = sum(
+        r.status_code == 200 and tokens(r)[0] == tokens(r)[1] and r.headers[REPLICA_HEADER] == home[i]
+        for i, responses in enumerate(answers)
+        for r in responses
+    )
+    assert hits >= 0.95 * n * later, f"{hits} of {n * later} later clicks found their picture"
+
+
+def test_an_operator_maps_the_replica_header_to_a_process(cluster):
+    """What the command says it wrote exists; `serve status` and Ray's state API (`ray list actors`) work
+    against it; every x-samhq-replica value is a live replica process; /v1/models tells the replicas' truth."""
+    output = cluster.output()
+    logs = re.search(r"logs in (\S+)", output)
+    assert logs and Path(logs.group(1)).is_dir(), output[-3000:]
+    token = cluster.home / ".ray" / "auth_token"
+    assert (f"token is in {token}" in output) == token.exists(), "the token file is named when Ray wrote one"
+    assert "local, started here" in output
+    dashboard = cluster.dashboard()
+    status = cluster.command(str(BIN / "serve"), "status", "--address", dashboard)
+    assert "samhq" in status and "RUNNING" in status and "Segmenter" in status, status
+    pids = replica_pids(cluster)
+    assert len(pids) == 2, pids
+    for name, pid in pids.items():
+        assert f"replica {name}: pid {pid}" in output, "the command printed the same map at start"
+        os.kill(pid, 0)  # a live process of this machine
+    with httpx.Client(base_url=cluster.url, timeout=120) as client:
+        seen = {click(client, picture, 50).headers[REPLICA_HEADER] for picture in range(len(PICTURES))}
+        assert seen <= set(pids), (seen, pids)
+        models = client.get("/v1/models").json()["data"]
+    assert {m["id"]: m["status"] for m in models} == {HQ_ID: "loaded", SAM_ID: "loaded"}
+
+
+def test_killing_a_replica_mid_run_loses_no_request(cluster):
+    """4 clients keep clicking; one replica's process is killed (SIGKILL, found by its header through Ray's
+    state API) after the first answers. Every request is answered 200 (retried on the other replica, which
+    encodes the pictures it did not hold)."""
+    ray_url = cluster.url
+    pids = replica_pids(cluster)  # looked up before: the kill comes at once
     total, kill_after = 48, 8
     answered = threading.Condition()
     done: list[httpx.Response] = []
@@ -163,9 +290,7 @@ def test_killing_a_replica_mid_run_loses_no_request(ray_url):
         with answered:
             assert answered.wait_for(lambda: len(done) >= kill_after, timeout=300)
             victim = done[-1].headers[REPLICA_HEADER]
-        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim)]
-        assert actors, f"no actor for replica {victim}"
-        ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+        os.kill(pids[victim], signal.SIGKILL)
         with answered:
             kill_index.append(len(done))
         responses = [response for future in futures for response in future.result()]
@@ -177,3 +302,35 @@ def test_killing_a_replica_mid_run_loses_no_request(ray_url):
     assert after_kill[-1].headers[REPLICA_HEADER] != victim
     # the pictures the dead replica held were encoded again elsewhere
     assert any(tokens(r)[0] == 0 for r in after_kill)
+
+
+def replica_pids(cluster: Cluster) -> dict[str, int]:
+    """Each live Segmenter replica's process, by the name its x-samhq-replica header carries, as an operator
+    finds it: Ray's state API (`ray list actors`)."""
+    listed = cluster.command(
+        str(BIN / "ray"),
+        "list",
+        "actors",
+        "--filter",
+        "state=ALIVE",
+        "--format",
+        "json",
+    )
+    prefix = "SERVE_REPLICA::samhq#Segmenter#"
+    return {
+        actor["name"][len(prefix) :]: actor["pid"]
+        for actor in json.loads(listed)
+        if (actor.get("name") or "").startswith(prefix)
+    }
+
+
+def test_ctrl_c_stops_everything_without_a_traceback(cluster):
+    """Ctrl-C in a terminal (SIGINT to the foreground process group): the command stops the application and its
+    local cluster, exits 0, prints no traceback, and the API port is closed. (Last: it ends the module's cluster.)"""
+    os.killpg(cluster.process.pid, signal.SIGINT)
+    assert cluster.process.wait(timeout=180) == 0, cluster.output()[-4000:]
+    output = cluster.output()
+    assert "Traceback" not in output, output[-4000:]
+    assert output.rstrip().endswith("stopped"), output[-2000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(cluster.url + "/v1/models", timeout=10)

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,45 +30,9 @@ from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 
 from .state import Picture
+from .types import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject  # noqa: F401  (re-exported: the page's types)
 
-THUMBNAIL_SIDE = 160
 MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class PreviewObject:
-    value: int  # in the label map: 1..n in prompt order
-    score: float
-    percent: float  # of the picture's pixels
-    candidate: int
-    candidates: int
-
-
-@dataclass(frozen=True)
-class Preview:
-    labels: np.ndarray  # (preview height, preview width), values 1..n in prompt order
-    objects: tuple[PreviewObject, ...]
-    thumbnails: tuple[tuple[np.ndarray, float], ...]  # the active one-point object's candidates (mask, score)
-    decoded: Any  # opaque to the page (None: the backends keep what they reuse themselves)
-    reused: bool  # no object had to be decoded for it
-    timings: dict[str, float] = field(default_factory=dict)
-    decoded_objects: int = 0  # objects this call ran through the decoder (the others came from the cache)
-
-
-@dataclass(frozen=True)
-class FullMap:
-    """The full-size label map of the downloads (the API's map for the same prompt and candidates)."""
-
-    labels: np.ndarray  # (height, width), values 1..n in prompt order
-    objects: tuple[Any, ...]  # per object: value, score, area, bbox (as the API's segments)
-    cached: bool  # the picture's embedding came from the cache
-    image_tokens: int
-    point_tokens: int  # one per point, two per box (as the API counts them)
-
-    @property
-    def score(self) -> float:
-        """Mean predicted IoU of its objects (the API's `score` of a map)."""
-        return float(np.mean([obj.score for obj in self.objects])) if self.objects else 0.0
 
 
 class DecodeCache:

@@ -8,27 +8,27 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from segmentation import service
-from segmentation.api import APIError, decode_base64_image
 from segmentation.errors import SegmentationError
 from segmentation.limits import Limits
 from segmentation.models import CATALOG
 from segmentation.schemas import build_response
-from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 
 from . import gradio_errors, login
-from .backend import LocalBackend
 from .clients import ClientIdentity
 from .guard import guard_file_inputs
 from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
 from .sessions import SessionStore
+
+if TYPE_CHECKING:
+    from segmentation.service import ModelRegistry
 
 STATIC = Path(__file__).parent / "static"
 
@@ -85,6 +85,9 @@ def _gradio_app(app: FastAPI):
 
 
 def api_segment_function(registry: ModelRegistry) -> Callable[..., dict]:
+    from segmentation import service
+    from segmentation.api import APIError, decode_base64_image
+
     def segment(
         image_b64: str, segment_prompt: list, point_labels: list | None = None, model: str = "", n: int = 1
     ) -> dict:
@@ -158,12 +161,16 @@ def mount_page(
         disk_bytes=int(options["disk_mb"] * 2**20),
         root=os.environ.get("SAMHQ_UI_SESSIONS_DIR") or None,
     )
+    if backend is None:  # the models run in this process (never imported by a page in front of a remote API)
+        from .backend import LocalBackend
+
+        backend = LocalBackend(registry, settings)
     routes = PageRoutes(
-        backend or LocalBackend(registry, settings),
+        backend,
         store,
         max_body_bytes=settings.max_body_mb * 2**20,
         # the snippet names the API: with a remote backend, that server (this one serves the page only)
-        public_url=os.environ.get("SAMHQ_PUBLIC_URL") or (backend.url if backend else None),
+        public_url=os.environ.get("SAMHQ_PUBLIC_URL") or getattr(backend, "url", None),
     )
     install_page_routes(app, routes, ClientIdentity(os.environ.get("SAMHQ_TRUSTED_PROXIES", "")))
     app.add_middleware(NoGradioUploads)

@@ -39,8 +39,8 @@ from segmentation.prompts import parse_prompt
 from segmentation.schemas import Mask, Segment, SegmentationResponse
 from segmentation.settings import Settings
 
-from .backend import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject
 from .state import Picture
+from .types import THUMBNAIL_SIDE, FullMap, Preview, PreviewObject
 
 log = logging.getLogger("ui.remote")
 

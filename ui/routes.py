@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import numpy as np
@@ -42,11 +42,14 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 
 from . import pictures
 from . import state as st
-from .backend import LocalBackend, Preview
 from .clients import ClientIdentity
 from .logs import redact_access_log
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore, StoreRefusal
+from .types import Preview
+
+if TYPE_CHECKING:  # the engine's backend: imported only by a process that runs the models (ui.page)
+    from .backend import LocalBackend
 
 log = logging.getLogger("ui")
 
@@ -267,7 +270,6 @@ class PageRoutes:
         st.set_picture(
             session, st.Picture(name=_safe_name(name), width=width, height=height, preview=preview, source=source)
         )
-        entry.decoded = None
         self._clear_downloads(entry)
         give_memory_back()
         return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
@@ -329,7 +331,6 @@ class PageRoutes:
             plan,
             boxes=boxes,
             hq_only=session.hq_only,
-            reuse=entry.decoded,
         )
         (folder / "mask.png").write_bytes(encode_png(chosen.labels))
         prompt = [{"points": obj.points, "labels": obj.labels, "box": obj.box} for obj in prompted]

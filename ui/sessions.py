@@ -31,8 +31,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segmentation.engine import Decoded
-
 from .state import Session
 
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "samhq-ui-sessions"
@@ -54,7 +52,6 @@ class Entry:
     # one request of a session at a time: waited for in the event loop, so a waiting request holds no thread
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: int = 0  # requests of this session running or waiting for their turn
-    decoded: Decoded | None = None  # the last decode, kept only when small (see LocalBackend.keepable)
     touched: float = field(default_factory=time.monotonic)
     disk: int = 0  # bytes in its folder when last measured
 

@@ -1,19 +1,23 @@
 """The HTTP API on Ray Serve: one ingress deployment with our own routes, N Segmenter replicas behind it.
 
-    python -m segmentation.serving.ray_app --replicas 2          # a local cluster, API on 127.0.0.1:8000
+    python -m segmentation.serving.ray_app --replicas 2          # a new local cluster, API on 127.0.0.1:8000
+    python -m segmentation.serving.ray_app --address HOST:6379   # the application on a running cluster
     serve run deploy/serve.yaml                                   # or `serve deploy` to a running cluster
 
 * Same contract: the ingress is a FastAPI app built by `api.install_api` (routes, limits, errors,
   /openapi.json) whose segmentation call goes to a Segmenter replica through a deployment handle.
-* Cache affinity by Ray's model multiplexing: a picture's content digest is the request's
-  multiplexed model id. A replica "loads" the id on its first click (the embedding goes into that
-  replica's own byte-bounded cache, as in one process), reports it to the controller, and Ray's router
-  sends every later request with that id to a replica holding it. Unknown ids go to the replica with
-  the fewest ids. A replica holds at most `max_pictures` ids (LRU, Ray's `max_num_models_per_replica`);
-  keep that times the size of one embedding within the cache budget (SAMHQ_CACHE_MB).
+  /v1/models reports the models' status as a replica has it.
+* Cache affinity: a picture's content digest is the request's multiplexed model id. A replica "loads" the
+  id on its first click (the embedding goes into that replica's own byte-bounded cache, as in one process)
+  and reports it to the controller; our request router (`router.PictureRouter`, Ray's pluggable router
+  API) sends every later request with that id there, and places a new picture at once by rendezvous
+  hashing with bounded load, so pictures arriving together spread over the replicas. A replica holds at
+  most `max_pictures` ids (LRU, Ray's `max_num_models_per_replica`); keep that times the size of one
+  embedding within the cache budget (SAMHQ_CACHE_MB).
 * When a replica dies mid-request the ingress retries on another one, which encodes the picture again.
 * Decodes of concurrent clicks on one picture are merged into one decoder call (`batching`).
-* The replica that answered is named in the `x-samhq-replica` response header (for tests and operators).
+* The replica that answered is named in the `x-samhq-replica` response header (for tests and operators);
+  `ray list actors` maps it to a process (the command prints how).
 
 Ray is imported here only: nothing else in the project imports this module.
 """
@@ -26,6 +30,8 @@ import dataclasses
 import hashlib
 import logging
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -36,6 +42,7 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from .. import service
@@ -46,6 +53,7 @@ from ..models import fit_cpu_threads, resolve_device
 from ..settings import Settings
 from .batching import BatchingSegmenter
 from .headers import ReplicaHeader, answered_by
+from .router import PictureRouter
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +159,17 @@ class SegmenterReplica:
         result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
         return result, self.name
 
+    def model_status(self) -> dict[str, str]:
+        """Each served model's status on this replica: 'loaded', or why not (the ingress's /v1/models)."""
+        return {name: self.registry.status(name) for name in self.registry.served}
+
     def stats(self) -> dict[str, Any]:
         """This replica's name, cache counters and batching counters (benchmarks, operators)."""
         models = self.registry.loaded()
         batchers = [m.batcher for m in models.values() if isinstance(m, BatchingSegmenter)]
         return {
             "replica": self.name,
+            "pid": os.getpid(),
             "batching": self.batching,
             "cache": dataclasses.asdict(self.registry.cache.stats()),
             "decoder_calls": sum(b.calls for b in batchers),
@@ -168,6 +181,31 @@ def _load_batching(name: str, **options: Any) -> BatchingSegmenter:
     return BatchingSegmenter.wrapping(Segmenter.from_pretrained(name, **options))
 
 
+class ReplicaStatusRegistry(service.ModelRegistry):
+    """The ingress's registry: it names the served models and checks `model`, and reports the models'
+    status as a Segmenter replica has it (every replica loads every served model before it takes requests;
+    the ingress loads none). Asked from a worker thread (api's /v1/models), at most once a second."""
+
+    def __init__(self, settings: Settings, segmenter: DeploymentHandle, timeout: float = 10.0):
+        super().__init__(settings)
+        self._segmenter = segmenter
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._asked: tuple[float, dict[str, str]] = (-1e9, {})
+
+    def status(self, name: str) -> str:
+        with self._lock:
+            asked_at, statuses = self._asked
+            if time.monotonic() - asked_at > 1.0:
+                try:
+                    statuses = self._segmenter.model_status.remote().result(timeout_s=self._timeout)
+                except Exception as error:  # none running yet, all restarting, ...: say so
+                    log.warning("no segmentation replica answered for the models' status: %s", error)
+                    statuses = {}
+                self._asked = (time.monotonic(), statuses)
+        return statuses.get(name, "unavailable: no segmentation replica answered; retry in a few seconds")
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -176,7 +214,7 @@ class Ingress:
     def __init__(self, segmenter: DeploymentHandle, retries: int = RayOptions.retries):
         # the registry names the served models and checks `model`; it never loads one in this process
         self.settings = dataclasses.replace(Settings.from_env(), device="cpu", preload_examples=False)
-        self.registry = service.ModelRegistry(self.settings)
+        self.registry = ReplicaStatusRegistry(self.settings, segmenter)
         self.segmenter = segmenter
         self.retries = retries
 
@@ -217,6 +255,7 @@ def build(args: dict[str, Any] | None = None) -> serve.Application:
         num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing,
         ray_actor_options={"num_cpus": options.cpus, "num_gpus": options.gpus},
+        request_router_config=RequestRouterConfig(request_router_class=PictureRouter),
     ).bind(options.max_pictures, options.batch)
     return Ingress.options(
         num_replicas=options.ingress_replicas,
@@ -233,10 +272,17 @@ def runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
     return {"env_vars": {**env, **(extra or {})}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the segmentation API on a local Ray cluster.")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Serve the segmentation API on Ray: a new local cluster on this machine, or --address to join one."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="HTTP proxy address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP proxy port (default 8000)")
+    parser.add_argument(
+        "--address",
+        help="join this running Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for the one `ray start` made here); "
+        "default: start a new local cluster, whatever RAY_ADDRESS says",
+    )
     parser.add_argument("--replicas", type=int, help="Segmenter replicas (SAMHQ_RAY_REPLICAS, default 2)")
     parser.add_argument("--cpus", type=float, help="CPUs per replica (SAMHQ_RAY_CPUS, default 1)")
     parser.add_argument("--gpus", type=float, help="GPUs per replica (SAMHQ_RAY_GPUS, default 0)")
@@ -249,14 +295,97 @@ def main(argv: list[str] | None = None) -> None:
         help="merge decodes on one picture (SAMHQ_RAY_BATCH; auto: on a GPU)",
     )
     parser.add_argument("--cache-mb", type=int, help="embedding cache per replica, MB (SAMHQ_CACHE_MB)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start (or join) a cluster, run the application, print where things are, and stop cleanly on Ctrl-C
+    or SIGTERM: the application and, when this command started it, the local cluster."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cache_mb is not None:
         os.environ["SAMHQ_CACHE_MB"] = str(args.cache_mb)
-    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "cache_mb")}
-    ray.init(runtime_env=runtime_env(), include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build(options), name="samhq", route_prefix="/", blocking=True)
+    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "cache_mb", "address")}
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # handled here, not as a KeyboardInterrupt deep in Ray's code
+        signal.signal(sig, lambda *_: stop.set())
+    if args.address:
+        context = ray.init(address=args.address, runtime_env=runtime_env())
+    else:  # "local": a new cluster even when RAY_ADDRESS or `ray start` names another one
+        context = ray.init(
+            address="local",
+            runtime_env=runtime_env(),
+            include_dashboard=True,  # the state API and `serve status` go through it
+            dashboard_host="127.0.0.1",
+        )
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build(options), name="samhq", route_prefix="/", blocking=False)
+        for line in where(context, args):
+            log.info("%s", line)
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping: the application, then %s", "Ray's connection" if args.address else "the local cluster")
+    finally:
+        if not args.address:  # our own cluster: take the application down with it
+            serve.shutdown()
+        ray.shutdown()
+    log.info("stopped")
+
+
+def where(context: Any, args: argparse.Namespace) -> list[str]:
+    """What an operator needs: the API, what Ray wrote where, and how to find a replica's process."""
+    info = getattr(context, "address_info", {}) or {}
+    session = info.get("session_dir") or "?"
+    dashboard = getattr(context, "dashboard_url", None)
+    api = f"http://{args.host}:{args.port}"
+    lines = [
+        f"API: {api}/v1/images/segmentations (models: {api}/v1/models)",
+        f"Ray cluster: {info.get('gcs_address', args.address)} ({'joined' if args.address else 'local, started here'})",
+        f"Ray writes its session (sockets, logs) under {session}; logs in {Path(session) / 'logs'}",
+    ]
+    token = Path.home() / ".ray" / "auth_token"
+    auth = ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":  # Ray turned it on for this cluster
+        auth = "RAY_AUTH_MODE=token "
+        where_token = os.environ.get("RAY_AUTH_TOKEN_PATH") or (token if token.exists() else "RAY_AUTH_TOKEN")
+        lines.append(
+            f"Ray's token authentication is on: its token is in {where_token}; the ray and serve commands "
+            "below send it with RAY_AUTH_MODE=token"
+        )
+    if dashboard:
+        address = dashboard if "://" in dashboard else f"http://{dashboard}"
+        # `serve status` reads each deployment's config, which names our router class: the project is imported
+        project = f"PYTHONPATH={Path(__file__).resolve().parents[2]} "
+        lines += [
+            f"dashboard and state API: {address}",
+            f"  {auth}{project}serve status --address {address}",
+            # Ray's state CLI lets RAY_ADDRESS override --address; RAY_API_SERVER_ADDRESS overrides both
+            f"  {auth}RAY_API_SERVER_ADDRESS={address} ray list actors "
+            "--filter 'class_name=ServeReplica:samhq:Segmenter' --detail",
+            "  (an x-samhq-replica header names a replica: the actor SERVE_REPLICA::samhq#Segmenter#<that id>, "
+            "its pid in that list)",
+        ]
+    lines += [f"replica {name}: pid {pid}" for name, pid in replica_processes(dashboard)]
+    lines.append("Ctrl-C stops it")
+    return lines
+
+
+def replica_processes(dashboard: str | None) -> list[tuple[str, int]]:
+    """(replica id, pid) of the Segmenter replicas, from Ray's state API (empty when it cannot answer)."""
+    if not dashboard:
+        return []
+    # the state API follows RAY_ADDRESS before its `address` argument; RAY_API_SERVER_ADDRESS before both
+    os.environ["RAY_API_SERVER_ADDRESS"] = dashboard if "://" in dashboard else f"http://{dashboard}"
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, timeout=60, raise_on_missing_output=False)
+    except Exception as error:  # the state API is a convenience here, never a reason to stop serving
+        log.warning("could not list the replicas' processes (%s)", error)
+        return []
+    prefix = "SERVE_REPLICA::samhq#Segmenter#"
+    return sorted((a.name[len(prefix) :], a.pid) for a in actors if (a.name or "").startswith(prefix))
 
 
 if __name__ == "__main__":
