@@ -23,9 +23,11 @@ import numpy as np
 from .cache import EmbeddingCache
 from .engine import Embedding, LabelMap, ObjectResult, Segmenter, make_cache
 from .errors import ModelUnavailableError, ResourceExhaustedError, SegmentationError, UnknownModelError
+from .everything import EverythingResult, Progress, generate
+from .everything_options import EverythingOptions
 from .images import upright_size
 from .limits import Limits
-from .masks import encode_png, object_stats, resize_nearest
+from .masks import compose_label_map, encode_png, object_stats, resize_nearest, to_numpy_labels
 from .models import resolve_device
 from .prompts import parse_prompt
 from .settings import Settings
@@ -291,5 +293,91 @@ def _run(
         embedding_cached=cached,
         image_tokens=embedding.grid_tokens,
         point_tokens=prompt.point_count,
+        timings=timings,
+    )
+
+
+def segment_everything(
+    registry: ModelRegistry,
+    *,
+    image: Any,
+    options: EverythingOptions,
+    model: str | None = None,
+    hq_token_only: bool = False,
+    size: tuple[int, int] | None = None,
+    batch_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> SegmentResult:
+    """Every object of the picture (official SAM-HQ's automatic mask generator, `segmentation.everything`),
+    answered like a prompt: one label map whose objects are the masks found, best predicted IoU first.
+
+    The work limit counts grid points (before the picture is decoded); the embedding is the cached one.
+    `batch_context` is entered once per batch (the caller's admission gate), so clicks of other users get
+    their turn between batches."""
+    limits = registry.limits
+    limits.check_size(size)
+    segmenter = registry.get(model)
+    width, height = upright_size(image, segmenter.max_pixels)
+    limits.check_everything_work(options.grid_points, width, height)
+    try:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        embedding, cached = segmenter.embed_with_info(image)
+        timings["embed"] = time.perf_counter() - start
+        limits.check_everything_work(options.grid_points, embedding.width, embedding.height)
+        found = generate(
+            segmenter,
+            embedding,
+            options,
+            hq_token_only=hq_token_only,
+            batch_context=batch_context,
+            progress=progress,
+            cancelled=cancelled,
+        )
+        timings.update(found.timings)
+        return everything_result(segmenter, embedding, cached, found, size, timings)
+    except ResourceExhaustedError:
+        give_memory_back()
+        raise
+
+
+def everything_result(
+    segmenter: Segmenter,
+    embedding: Embedding,
+    cached: bool,
+    found: EverythingResult,
+    size: tuple[int, int] | None,
+    timings: dict[str, float],
+) -> SegmentResult:
+    """The masks found as one label map (values 1..K in the generator's order; where masks overlap the highest
+    logit wins, as for any prompt), with each object's score, area and box measured on the map."""
+    start = time.perf_counter()
+    width, height = embedding.width, embedding.height
+    count = len(found.masks)
+    if count:
+        labels = to_numpy_labels(
+            compose_label_map(found.logits.to(segmenter.device), embedding.resized_size, embedding.original_size),
+            count,
+        )
+    else:
+        labels = np.zeros((height, width), dtype=np.uint8)
+    objects = tuple(
+        ObjectResult(value=s.value, score=found.masks[s.value - 1].score, area=s.area, bbox=s.bbox)
+        for s in object_stats(labels, count)
+    )
+    label_map = LabelMap(labels, objects)
+    if size is not None and size != (width, height):
+        width, height = size
+        label_map = _resized(label_map, width, height)
+    timings["postprocess"] = time.perf_counter() - start
+    return SegmentResult(
+        model=segmenter.model_id,
+        width=width,
+        height=height,
+        candidates=(label_map,),
+        embedding_cached=cached,
+        image_tokens=embedding.grid_tokens,
+        point_tokens=found.grid_points,
         timings=timings,
     )
