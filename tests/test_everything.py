@@ -114,7 +114,9 @@ def test_low_resolution_shortcut_changes_nothing(segmenter, scene):
     upscaled = dec.upscale_logits(low, embedding.resized_size, embedding.original_size)
     assert bool((upscaled.flatten(1).amax(1) <= low.flatten(1).amax(1) + 1e-5).all())
     assert not bool(surely_unstable(low, 1.0).all())
-    options = EverythingOptions(points_per_side=6, points_per_batch=12, pred_iou_thresh=0.0, stability_score_thresh=0.05)
+    options = EverythingOptions(
+        points_per_side=6, points_per_batch=12, pred_iou_thresh=0.0, stability_score_thresh=0.05
+    )
     fast = generate(segmenter, embedding, options)
     exact = generate(segmenter, embedding, options, low_res_shortcut=False)
     assert fast.masks == exact.masks and len(fast.masks) > 0
