@@ -347,7 +347,7 @@ def create_router(
                 model=body.model,
                 hq_token_only=body.hq_token_only,
                 size=size,
-                batch_context=lambda: gate.admit(gone),
+                batch_context=lambda: gate.admit_after_others(gone),
                 cancelled=gone.is_set,
             )
             if body.user:

@@ -137,6 +137,7 @@ class AdmissionGate:
     """
 
     def __init__(self, max_concurrent: int = 1, max_waiting: int = 16):
+        self._slots = max(1, max_concurrent)
         self._free = max(1, max_concurrent)
         self._max_waiting = max_waiting
         self._waiting = 0
@@ -164,6 +165,19 @@ class AdmissionGate:
             with self._ready:
                 self._free += 1
                 self._ready.notify()
+
+    @contextlib.contextmanager
+    def admit_after_others(self, abandoned: threading.Event | None = None, max_wait: float = 5.0) -> Iterator[None]:
+        """`admit`, once no other request holds or waits for a slot (at most `max_wait` s, so a stream of
+        requests cannot starve it): a long job's next step ("segment everything"'s batch) lets them go first."""
+        deadline = time.monotonic() + max_wait
+        with self._ready:
+            while (self._waiting or self._free < self._slots) and time.monotonic() < deadline:
+                if abandoned is not None and abandoned.is_set():
+                    break
+                self._ready.wait(timeout=0.01)
+        with self.admit(abandoned):
+            yield
 
     def wake(self) -> None:
         """Let waiters look again whether their client is still there (called when one leaves)."""

@@ -37,6 +37,7 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 from . import pictures
 from . import state as st
 from .backend import LocalBackend, Preview
+from .everything_routes import install_everything_routes
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore
 
@@ -497,6 +498,8 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return FileResponse(path, media_type=media, filename=name, headers={"Cache-Control": "no-store"})
 
         return await guarded(sid, work)
+
+    install_everything_routes(router, routes, guarded)  # ui/everything_routes.py: the Everything button
 
     @router.get("/examples/{index}.jpg")
     async def example_thumbnail(index: int) -> Response:
