@@ -10,7 +10,9 @@ at `box_nms_thresh` over the boxes of the masks then drops duplicates, best pred
 
 What runs where, and why the answer is official's to the pixel:
 
-* The predicted-IoU filter runs on the decoder's scores, before anything is upscaled.
+* The predicted-IoU filter runs on the two-way transformer's IoU token, before any mask is made: the masks
+  (the decoder's expensive part, the upscaling and SAM-HQ's per-object mask features) are computed only for
+  the points past it.
 * A low-resolution test drops, without upscaling, the masks whose stability score is surely 0: the
   picture-size logits are bilinear interpolations (convex combinations) of the 256×256 ones, so none
   exceeds the low-resolution maximum; when that maximum is <= the offset, no pixel passes the upper
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from . import decoder as dec
+from .engine import MAX_DECODE_BATCH
 from .everything_options import EverythingOptions
 from .prompts import to_model_coordinates
 
@@ -154,6 +157,41 @@ def box_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torc
     return torch.as_tensor(keep, dtype=torch.int64)
 
 
+def _decode_batch(
+    segmenter, embedding, batch: np.ndarray, options: EverythingOptions, hq_token_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(logits (K, 256, 256), predicted IoUs (K,), indexes into `batch`) of the points whose predicted IoU passes,
+    each point a one-point prompt keeping SAM-HQ's one mask. The IoUs come from the two-way transformer alone,
+    so masks (the expensive part) are made only for the points past the filter; MAX_DECODE_BATCH points go
+    through the decoder at a time, which bounds memory whatever `points_per_batch` (results do not depend on it)."""
+    model, device, dtype = segmenter.model, segmenter.device, segmenter.dtype
+    all_logits, all_scores, all_rows = [], [], []
+    for first in range(0, len(batch), MAX_DECODE_BATCH):
+        chunk = batch[first : first + MAX_DECODE_BATCH]
+        coords = to_model_coordinates(chunk[:, None, :], embedding.original_size, embedding.resized_size)
+        coords_t = torch.as_tensor(coords, dtype=dtype, device=device)
+        labels_t = torch.ones((len(chunk), 1), dtype=torch.int64, device=device)
+        sparse = dec.sparse_tokens(model, coords_t, labels_t)
+        queries, keys = dec.decode_tokens(model, embedding.features, segmenter._positions, sparse)
+        best_iou = dec.predicted_iou(model, queries)[:, 1:4].amax(dim=1).float()  # the score of SAM-HQ's pick
+        keep = torch.ones(len(chunk), dtype=torch.bool, device=device)
+        if options.pred_iou_thresh > 0.0:
+            keep &= best_iou > options.pred_iou_thresh
+        rows = keep.nonzero().flatten()
+        if len(rows):
+            output = dec.decode_masks(model, embedding.features, queries[:, rows], keys[rows])
+            ambiguous = torch.ones(len(rows), dtype=torch.bool, device=device)
+            ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)
+            all_logits.append(ranked.logits[:, 0].float())
+            all_scores.append(ranked.scores[:, 0].float())
+            all_rows.append(rows.cpu().numpy() + first)
+            del output, ranked
+        del queries, keys
+    if not all_rows:
+        return torch.empty((0, 256, 256), device=device), torch.empty(0, device=device), np.empty(0, dtype=np.int64)
+    return torch.cat(all_logits), torch.cat(all_scores), np.concatenate(all_rows)
+
+
 def generate(
     segmenter,
     embedding,
@@ -171,7 +209,7 @@ def generate(
     mask past the IoU filter (for the test that proves the shortcut changes nothing)."""
     segmenter._check_model(embedding)
     start = time.perf_counter()
-    model, device, dtype = segmenter.model, segmenter.device, segmenter.dtype
+    device = segmenter.device
     hq_token_only = bool(hq_token_only and segmenter.hq)
     points = point_grid(options.points_per_side, embedding.width, embedding.height)
     total = options.batches
@@ -188,19 +226,11 @@ def generate(
         with batch_context() if batch_context is not None else contextlib.nullcontext():
             with segmenter._out_of_memory_guard("segmenting everything"), torch.inference_mode():
                 tick = time.perf_counter()
-                coords = to_model_coordinates(batch[:, None, :], embedding.original_size, embedding.resized_size)
-                coords_t = torch.as_tensor(coords, dtype=dtype, device=device)
-                labels_t = torch.ones((len(batch), 1), dtype=torch.int64, device=device)
-                output = dec.decode(model, embedding.features, segmenter._positions, coords_t, labels_t)
-                ambiguous = torch.ones(len(batch), dtype=torch.bool, device=device)
-                ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)
-                logits, scores = ranked.logits[:, 0].float(), ranked.scores[:, 0].float()
-                del output, ranked
+                logits, scores, rows = _decode_batch(segmenter, embedding, batch, options, hq_token_only)
+                batch = batch[rows]
                 tock = time.perf_counter()
                 timings["decoder"] += tock - tick
                 keep = torch.ones(len(batch), dtype=torch.bool, device=device)
-                if options.pred_iou_thresh > 0.0:
-                    keep &= scores > options.pred_iou_thresh
                 if low_res_shortcut and options.stability_score_thresh > 0.0:
                     keep &= ~surely_unstable(logits, offset)
                 index_kept = keep.nonzero().flatten()
