@@ -41,10 +41,13 @@ from .errors import (
     ImageTooLargeError,
     InvalidPromptError,
     ModelUnavailableError,
+    RequestLimitError,
     ResourceExhaustedError,
     SegmentationError,
     UnknownModelError,
 )
+from .everything import Cancelled
+from .everything_options import EverythingOptions, parse_everything
 from .guard import RequestGuard, key_is_valid
 from .images import upright_size
 from .limits import MAX_COORDINATE, Limits, loggable_user
@@ -266,13 +269,37 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 4
 SegmentFn = Callable[..., service.SegmentResult]
 
 
+def everything_options(body: SegmentationRequest) -> EverythingOptions | None:
+    """The request's "segment everything" options (None for a prompt request); a 400 naming the knob when one
+    is wrong, or when a prompt is sent with it (one or the other)."""
+    if body.segment_everything in (None, False):
+        return None
+    options = parse_everything(body.segment_everything)
+    if body.segment_prompt or body.box_prompt or body.point_labels:
+        raise InvalidPromptError(
+            "segment_everything finds every object by itself: send an empty segment_prompt (or none), "
+            "and no point_labels or box_prompt.",
+            param="segment_prompt",
+        )
+    if body.n != 1:
+        raise RequestLimitError("segment_everything answers one label map: n must be 1.", param="n", code="invalid_n")
+    return options
+
+
 def create_router(
-    registry: service.ModelRegistry, settings: Settings, segment: SegmentFn = service.segment
+    registry: service.ModelRegistry,
+    settings: Settings,
+    segment: SegmentFn = service.segment,
+    everything: SegmentFn | None = None,
 ) -> APIRouter:
     """The API's routes. `segment` does the work (`service.segment`'s signature); another
-    deployment (e.g. the Ray Serve ingress) passes its own to reuse this contract unchanged."""
+    deployment (e.g. the Ray Serve ingress) passes its own to reuse this contract unchanged.
+    `everything` (`service.segment_everything`'s signature) serves `segment_everything`; by default it is
+    offered where the models run in this process (`segment` is `service.segment`), refused elsewhere."""
     router = APIRouter(dependencies=[Depends(_auth_dependency(settings))], responses=_ERRORS)
     gate = service.AdmissionGate(max_concurrent=4, max_waiting=settings.max_queue)
+    if everything is None and segment is service.segment:
+        everything = service.segment_everything
 
     limits = registry.limits
 
@@ -290,10 +317,42 @@ def create_router(
             size = parse_size(body.size) if body.size is not None else None
         except ValueError as error:
             raise APIError(400, str(error), "invalid_request_error", "size", "invalid_size") from error
-        limits.check(points=body.segment_prompt, candidates=body.n, size=size)
+        options = everything_options(body)
+        if options is not None and everything is None:
+            raise APIError(
+                400,
+                "segment_everything is not offered by this deployment.",
+                "invalid_request_error",
+                "segment_everything",
+                "not_supported",
+            )
+        if options is None:
+            limits.check(points=body.segment_prompt, candidates=body.n, size=size)
+        else:
+            limits.check_size(size)
         registry.check_served(body.model)
         gone = threading.Event()
         watcher = asyncio.create_task(_watch_disconnect(request, gone, gate))
+
+        def work_everything() -> Response:
+            """Each batch takes a gate slot of its own: queued clicks get their turn between batches; a client
+            that left stops the run at the next batch."""
+            picture = decode_base64_image(body.image_prompt)
+            width, height = upright_size(picture, limits.max_pixels)
+            limits.check_everything_work(options.grid_points, width, height)
+            result = everything(
+                registry,
+                image=picture,
+                options=options,
+                model=body.model,
+                hq_token_only=body.hq_token_only,
+                size=size,
+                batch_context=lambda: gate.admit_after_others(gone),
+                cancelled=gone.is_set,
+            )
+            if body.user:
+                log.info("segment everything for user %s with %s", loggable_user(body.user), body.model)
+            return Response(build_response(result).model_dump_json(), media_type="application/json")
 
         def work() -> Response:  # in a worker thread, PNG encoding included: the event loop stays free
             picture = decode_base64_image(body.image_prompt)
@@ -317,8 +376,8 @@ def create_router(
             return Response(build_response(result).model_dump_json(), media_type="application/json")
 
         try:
-            return await run_in_threadpool(work)
-        except service.ClientGone:
+            return await run_in_threadpool(work if options is None else work_everything)
+        except (service.ClientGone, Cancelled):
             log.info("dropped a request whose client left before it ran")
             return Response(status_code=499)  # nobody reads it
         finally:

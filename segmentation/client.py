@@ -86,6 +86,24 @@ def _request(
     }
 
 
+_REQUEST_KEYS = {"size", "hq_token_only", "user"}
+
+
+def _everything_request(
+    image: Any,
+    model: str,
+    timeout: float | None,
+    default_timeout: float,
+    extra_headers: dict[str, str] | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """A "segment everything" request: the knobs go in `segment_everything`, the rest beside it."""
+    knobs = {k: v for k, v in options.items() if k not in _REQUEST_KEYS}
+    rest = {k: v for k, v in options.items() if k in _REQUEST_KEYS}
+    rest["segment_everything"] = knobs or True
+    return _request(image, [], model, timeout, default_timeout, extra_headers, None, rest)
+
+
 def _parse(response: httpx.Response) -> SegmentationResponse:
     if response.status_code >= 400:
         try:
@@ -126,6 +144,21 @@ class _Images:
         request = _request(
             image, segment_prompt, model, timeout, self._client.timeout, extra_headers, extra_body, kwargs
         )
+        return _parse(self._client._http.post(**request))
+
+    def segment_everything(
+        self,
+        *,
+        image: Any,
+        model: str = DEFAULT_MODEL,
+        timeout: float | None = None,
+        extra_headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> SegmentationResponse:
+        """Every object of `image` (official SAM-HQ's automatic mask generator): one label map, one segment per
+        object. options: points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+        stability_score_offset, box_nms_thresh (official's names and defaults), and size, hq_token_only, user."""
+        request = _everything_request(image, model, timeout, self._client.timeout, extra_headers, options)
         return _parse(self._client._http.post(**request))
 
 
@@ -187,6 +220,21 @@ class _AsyncImages:
         request = _request(
             image, segment_prompt, model, timeout, self._client.timeout, extra_headers, extra_body, kwargs
         )
+        return _parse(await self._client._http.post(**request))
+
+    async def segment_everything(
+        self,
+        *,
+        image: Any,
+        model: str = DEFAULT_MODEL,
+        timeout: float | None = None,
+        extra_headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> SegmentationResponse:
+        """Every object of `image` (official SAM-HQ's automatic mask generator): one label map, one segment per
+        object. options: points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+        stability_score_offset, box_nms_thresh (official's names and defaults), and size, hq_token_only, user."""
+        request = _everything_request(image, model, timeout, self._client.timeout, extra_headers, options)
         return _parse(await self._client._http.post(**request))
 
 

@@ -232,22 +232,55 @@ def decode(
     one "not a point" pad token after the points when there is no box. Objects of different
     layouts must not share a call (padding one to another's length changes its mask): see
     `prompts.Prompt.layout_groups`."""
+    queries, keys = decode_tokens(model, picture, positions, sparse_tokens(model, points, labels, boxes))
+    return decode_masks(model, picture, queries, keys)
+
+
+@torch.inference_mode()
+def sparse_tokens(
+    model, points: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The prompt encoder's sparse tokens (1, N, T, C) of N objects of one layout (see `decode`)."""
     if points is None and boxes is None:
         raise ValueError("decode needs points, boxes or both")
-    decoder = model.mask_decoder
-    n_objects = (points if points is not None else boxes).shape[0]
     sparse, _ = model.prompt_encoder(
         input_points=points.unsqueeze(0) if points is not None else None,
         input_labels=labels.unsqueeze(0) if labels is not None else None,
         input_boxes=boxes.unsqueeze(0) if boxes is not None else None,
         input_masks=None,
     )
+    return sparse
+
+
+@torch.inference_mode()
+def decode_tokens(
+    model, picture: PictureFeatures, positions: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way transformer over the output tokens and the prompt's sparse tokens (1, N, T, C): (queries
+    (1, N, tokens, C), refined image tokens (N, 1, H*W, C)). The predicted IoUs (`predicted_iou`) need only
+    the queries: a caller may drop objects on them before paying for their masks (`decode_masks`)."""
+    decoder = model.mask_decoder
+    n_objects = sparse.shape[1]
     hq = picture.hq_features is not None
     tokens = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hq_token.weight] if hq else [])
     output_tokens = torch.cat(tokens, dim=0).repeat(1, n_objects, 1, 1)
     queries_in = torch.cat([output_tokens, sparse], dim=2).to(decoder.iou_token.weight.dtype)
-    queries, keys = _two_way_transformer(decoder.transformer, queries_in, picture, positions)
+    return _two_way_transformer(decoder.transformer, queries_in, picture, positions)
 
+
+def predicted_iou(model, queries: torch.Tensor) -> torch.Tensor:
+    """(N, 4) predicted IoU of the four SAM tokens, from `decode_tokens`' queries."""
+    with torch.inference_mode():
+        return model.mask_decoder.iou_prediction_head(queries[0, :, 0, :])
+
+
+@torch.inference_mode()
+def decode_masks(model, picture: PictureFeatures, queries: torch.Tensor, keys: torch.Tensor) -> DecoderOutput:
+    """The masks (the expensive part: upscaling and, with SAM-HQ, the HQ mask features) and IoUs of
+    `decode_tokens`' output; rows of queries/keys may be a subset of the decoded objects."""
+    decoder = model.mask_decoder
+    n_objects = keys.shape[0]
+    hq = picture.hq_features is not None
     # keys: (N, 1, H*W, C) → (N, C, H, W), the refined embedding the official decoder upscales.
     height, width = picture.grid
     refined = keys.transpose(2, 3).reshape(n_objects, keys.shape[-1], height, width)

@@ -227,6 +227,8 @@ class Segmenter:
         self.hq = dec.is_hq(self.model)
         self._positions = dec.positional_tokens(self.model)
         self._encode_lock = threading.Lock()
+        self._decodes_running = 0  # clicks' decodes in flight: a "segment everything" run yields to them
+        self._quiet = threading.Condition()
 
     @classmethod
     def from_pretrained(
@@ -414,7 +416,7 @@ class Segmenter:
         if reuse is not None and reuse.is_for(embedding.key, prompt, hq_token_only):
             return reuse
         start = time.perf_counter()
-        with self._out_of_memory_guard("segmenting"):
+        with self._decoding(), self._out_of_memory_guard("segmenting"):
             batch = MAX_DECODE_BATCH if max_batch is None else max_batch
             logits, scores, counts = self._decode_groups(embedding, prompt, hq_token_only, batch)
             host_scores = scores.float().cpu().numpy()  # also waits for the device to finish the decode
@@ -427,6 +429,23 @@ class Segmenter:
             counts=tuple(counts.tolist()),
             timings={"decoder": time.perf_counter() - start},
         )
+
+    @contextlib.contextmanager
+    def _decoding(self):
+        """Marks a decode (a click) as running, so `everything.generate` starts no batch meanwhile."""
+        with self._quiet:
+            self._decodes_running += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._decodes_running -= 1
+                self._quiet.notify_all()
+
+    def wait_for_quiet(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until no decode is running: how a long run lets clicks go first."""
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._decodes_running == 0, timeout=timeout)
 
     def _decode_groups(
         self, embedding: Embedding, prompt: Prompt, hq_token_only: bool, max_batch: int

@@ -13,6 +13,8 @@ else that calls `service.segment` pass through these checks, and the ASGI guard
 * its output: `size` within `max_pixels`;
 * its work: objects × candidates × megapixels of the picture (the label maps are composed at the
   picture's size, one object at a time; `size` then only resizes them) within `max_work_mp`;
+* "segment everything": grid points × megapixels of the picture within `max_work_mp` (each point's
+  mask may be upscaled to the picture's size), checked before the picture is decoded;
 * its `user` field: at most `MAX_USER_CHARS` characters, logged shortened and escaped.
 
 No torch here: the wire schema (`schemas`, imported by the client) uses the constants.
@@ -120,6 +122,19 @@ class Limits:
                 f"{width}x{height} picture = {work:.0f} object-megapixels; the limit is {self.max_work_mp}. "
                 "Send fewer objects, a smaller n, or a smaller picture.",
                 param="segment_prompt",
+                code="too_much_work",
+            )
+
+    def check_everything_work(self, grid_points: int, width: int, height: int) -> None:
+        """ "Segment everything" may upscale every grid point's mask to the picture's size (its stability score
+        and box): it costs grid points × picture megapixels, counted like objects."""
+        work = grid_points * width * height / 1e6
+        if work > self.max_work_mp:
+            raise RequestLimitError(
+                f"Segmenting everything with {grid_points} grid points on a {width}x{height} picture is "
+                f"{work:.0f} point-megapixels; the limit is {self.max_work_mp}. Use a smaller points_per_side "
+                "or a smaller picture.",
+                param="segment_everything.points_per_side",
                 code="too_much_work",
             )
 

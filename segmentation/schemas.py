@@ -60,12 +60,26 @@ class SegmentationRequest(BaseModel):
         max_length=MAX_USER_CHARS,
         description="An end-user id; recorded in the logs only (shortened and escaped).",
     )
+    segment_everything: bool | dict[str, Any] | None = Field(
+        default=None,
+        description="Find every object instead of segmenting a prompt (official SAM-HQ's automatic mask "
+        "generator): true for the defaults, or an object with any of points_per_side (32), points_per_batch (64), "
+        "pred_iou_thresh (0.88), stability_score_thresh (0.95), stability_score_offset (1.0), box_nms_thresh (0.7). "
+        "segment_prompt is then empty or left out; the answer is one label map, one segment per object found.",
+    )
     extra_body: dict[str, Any] | None = Field(default=None, description="Further parameters, merged into the body.")
 
     @model_validator(mode="before")
     @classmethod
     def _merge_extra_body(cls, data: Any) -> Any:
-        return merge_extra_body(data)
+        data = merge_extra_body(data)
+        if (
+            isinstance(data, dict)
+            and data.get("segment_everything") not in (None, False)
+            and "segment_prompt" not in data
+        ):
+            data = {**data, "segment_prompt": []}  # "everything" needs no prompt
+        return data
 
 
 def merge_extra_body(data: Any) -> Any:

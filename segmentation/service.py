@@ -27,15 +27,17 @@ import numpy as np
 
 from .cache import EmbeddingCache
 from .errors import ModelUnavailableError, ResourceExhaustedError, SegmentationError, UnknownModelError
+from .everything_options import EverythingOptions
 from .images import upright_size
 from .limits import Limits
-from .masks import encode_png, object_stats, resize_nearest
+from .masks import compose_label_map, encode_png, object_stats, resize_nearest, to_numpy_labels
 from .models import resolve_device
 from .prompts import parse_prompt
 from .settings import Settings
 
 if TYPE_CHECKING:
     from .engine import Embedding, LabelMap, Segmenter
+    from .everything import EverythingResult, Progress
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ class AdmissionGate:
     """
 
     def __init__(self, max_concurrent: int = 1, max_waiting: int = 16):
+        self._slots = max(1, max_concurrent)
         self._free = max(1, max_concurrent)
         self._max_waiting = max_waiting
         self._waiting = 0
@@ -171,6 +174,19 @@ class AdmissionGate:
             with self._ready:
                 self._free += 1
                 self._ready.notify()
+
+    @contextlib.contextmanager
+    def admit_after_others(self, abandoned: threading.Event | None = None, max_wait: float = 5.0) -> Iterator[None]:
+        """`admit`, once no other request holds or waits for a slot (at most `max_wait` s, so a stream of
+        requests cannot starve it): a long job's next step ("segment everything"'s batch) lets them go first."""
+        deadline = time.monotonic() + max_wait
+        with self._ready:
+            while (self._waiting or self._free < self._slots) and time.monotonic() < deadline:
+                if abandoned is not None and abandoned.is_set():
+                    break
+                self._ready.wait(timeout=0.01)
+        with self.admit(abandoned):
+            yield
 
     def wake(self) -> None:
         """Let waiters look again whether their client is still there (called when one leaves)."""
@@ -315,5 +331,95 @@ def _run(
         embedding_cached=cached,
         image_tokens=embedding.grid_tokens,
         point_tokens=prompt.point_count,
+        timings=timings,
+    )
+
+
+def segment_everything(
+    registry: ModelRegistry,
+    *,
+    image: Any,
+    options: EverythingOptions,
+    model: str | None = None,
+    hq_token_only: bool = False,
+    size: tuple[int, int] | None = None,
+    batch_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> SegmentResult:
+    """Every object of the picture (official SAM-HQ's automatic mask generator, `segmentation.everything`),
+    answered like a prompt: one label map whose objects are the masks found, best predicted IoU first.
+
+    The work limit counts grid points (before the picture is decoded); the embedding is the cached one.
+    `batch_context` is entered once per batch (the caller's admission gate), so clicks of other users get
+    their turn between batches."""
+    from .everything import generate
+
+    limits = registry.limits
+    limits.check_size(size)
+    segmenter = registry.get(model)
+    width, height = upright_size(image, segmenter.max_pixels)
+    limits.check_everything_work(options.grid_points, width, height)
+    try:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        embedding, cached = segmenter.embed_with_info(image)
+        timings["embed"] = time.perf_counter() - start
+        limits.check_everything_work(options.grid_points, embedding.width, embedding.height)
+        found = generate(
+            segmenter,
+            embedding,
+            options,
+            hq_token_only=hq_token_only,
+            batch_context=batch_context,
+            progress=progress,
+            cancelled=cancelled,
+        )
+        timings.update(found.timings)
+        return everything_result(segmenter, embedding, cached, found, size, timings)
+    except ResourceExhaustedError:
+        give_memory_back()
+        raise
+
+
+def everything_result(
+    segmenter: Segmenter,
+    embedding: Embedding,
+    cached: bool,
+    found: EverythingResult,
+    size: tuple[int, int] | None,
+    timings: dict[str, float],
+) -> SegmentResult:
+    """The masks found as one label map (values 1..K in the generator's order; where masks overlap the highest
+    logit wins, as for any prompt), with each object's score, area and box measured on the map."""
+    from .engine import LabelMap, ObjectResult
+
+    start = time.perf_counter()
+    width, height = embedding.width, embedding.height
+    count = len(found.masks)
+    if count:
+        labels = to_numpy_labels(
+            compose_label_map(found.logits.to(segmenter.device), embedding.resized_size, embedding.original_size),
+            count,
+        )
+    else:
+        labels = np.zeros((height, width), dtype=np.uint8)
+    objects = tuple(
+        ObjectResult(value=s.value, score=found.masks[s.value - 1].score, area=s.area, bbox=s.bbox)
+        for s in object_stats(labels, count)
+    )
+    label_map = LabelMap(labels, objects)
+    if size is not None and size != (width, height):
+        width, height = size
+        label_map = _resized(label_map, width, height)
+    timings["postprocess"] = time.perf_counter() - start
+    return SegmentResult(
+        model=segmenter.model_id,
+        width=width,
+        height=height,
+        candidates=(label_map,),
+        embedding_cached=cached,
+        image_tokens=embedding.grid_tokens,
+        point_tokens=found.grid_points,
         timings=timings,
     )

@@ -43,6 +43,7 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 from . import pictures
 from . import state as st
 from .clients import ClientIdentity
+from .everything_routes import install_everything_routes
 from .logs import redact_access_log
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore, StoreRefusal
@@ -639,6 +640,8 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             return _send_file(routes.download(entry, rev, name, base_url), name, accepts_gzip)
 
         return await guarded(sid, work, request)
+
+    install_everything_routes(router, routes, guarded)  # ui/everything_routes.py: the Everything button
 
     @router.get("/examples/{index}.jpg")
     async def example_thumbnail(index: int) -> Response:

@@ -544,5 +544,70 @@
   $("opacity-value").addEventListener("input", (e) => setOpacity(e.target.value));
   $("export").addEventListener("click", () => enqueue({ op: "export" }));
   window.addEventListener("pagehide", () => { if (S.session) fetch("/ui/session/" + S.session, { method: "DELETE", keepalive: true }); });
+  // ---- Everything: find every object (a job on the server, polled for its progress) ---------------
+  const everything = { polling: false };
+  function showEverything(status) {
+    const running = status.state === "running";
+    $("everything").disabled = running;
+    $("everything-cancel").hidden = !running;
+    const bar = $("everything-progress");
+    bar.hidden = !running && status.state !== "finished";
+    bar.max = Math.max(1, status.total || 1);
+    bar.value = status.done || 0;
+    bar.dataset.done = String(status.done || 0);
+    bar.dataset.total = String(status.total || 0);
+    $("everything-tools").dataset.state = status.state;
+    const text = $("everything-text");
+    if (running) text.textContent = "batch " + status.done + " of " + status.total + " · " + status.kept + " mask(s) so far";
+    else if (status.state === "cancelled") text.textContent = "Cancelled.";
+    else if (status.state === "failed") text.textContent = status.message;
+    else if (status.state === "finished") text.textContent = "Adding the objects…";
+    else text.textContent = "";
+  }
+  async function pollEverything() {
+    if (everything.polling) return;
+    everything.polling = true;
+    try {
+      for (;;) {
+        const status = await call("/ui/session/" + S.session + "/everything");
+        showEverything(status);
+        if (status.state === "finished") {
+          while (S.busy || S.queue.length) await new Promise((resolve) => setTimeout(resolve, 50));
+          const view = await call("/ui/session/" + S.session + "/everything/apply", { method: "POST" });
+          apply(view);
+          showEverything({ state: "applied" });
+          $("everything-tools").dataset.found = String(view.objects.filter((o) => o.value).length);
+          break;
+        }
+        if (status.state !== "running") { if (status.state === "failed") setStatus(status.message, true); break; }
+        await new Promise((resolve) => setTimeout(resolve, 250));
+      }
+    } catch (error) {
+      setStatus(error.message, true);
+      showEverything({ state: "failed", message: error.message });
+    } finally {
+      everything.polling = false;
+    }
+  }
+  $("everything").addEventListener("click", async () => {
+    if (!S.view || !S.view.picture) { setStatus("Upload a picture first, or pick one of the examples.", true); return; }
+    try {
+      const status = await call("/ui/session/" + S.session + "/everything", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        // data-options on the button may carry further official knobs (JSON), e.g. lower thresholds
+        body: JSON.stringify({ ...JSON.parse($("everything").dataset.options || "{}"), points_per_side: Number($("everything-grid").value) }),
+      });
+      showEverything(status);
+      setStatus("Finding every object… clicks still work meanwhile.", false);
+      pollEverything();
+    } catch (error) {
+      setStatus(error.message, true);
+    }
+  });
+  $("everything-cancel").addEventListener("click", async () => {
+    try { showEverything(await call("/ui/session/" + S.session + "/everything", { method: "DELETE" })); }
+    catch (error) { setStatus(error.message, true); }
+  });
+
   start();
 })

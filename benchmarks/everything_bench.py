@@ -1,0 +1,117 @@
+"""Segment everything, timed: 16×16 and 32×32 grids on a cached embedding, and a click's wait during a run.
+
+    python benchmarks/everything_bench.py                 # ViT-B shape, CPU by default, 1500x1000 picture
+    python benchmarks/everything_bench.py --shape tiny --reps 1
+
+The checkpoint has ViT-B's architecture with random weights (the hub may be unreachable): the same compute as
+the published model, meaningless masks. Random weights pass official's thresholds rarely, so each grid is timed
+twice: with official's thresholds (0.88 / 0.95: the decoder's cost, few masks upscaled) and with both
+thresholds at 0 (every point's mask upscaled to the picture's size and measured: the worst case). The click
+scenario runs warm one-object clicks while a 16×16 run goes on and compares them with the same clicks alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# bench sets HF_HOME (a temporary cache) and offline mode before transformers is imported
+from benchmarks.bench import _HF_HOME, MODEL_ID, ONE_OBJECT, environment, load_picture  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="base", choices=["base", "large", "huge", "tiny"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--picture", help="a picture file (default: assets/coffee.jpg resized to 1500x1000)")
+    parser.add_argument("--reps", type=int, default=1, help="runs per grid (the median is printed)")
+    parser.add_argument("--clicks", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    import shutil
+
+    from segmentation import Segmenter
+    from segmentation.everything import generate
+    from segmentation.everything_options import EverythingOptions
+    from segmentation.offline import install_in_hf_cache
+
+    try:
+        print(f"building a random {args.shape} SAM-HQ checkpoint ...", flush=True)
+        install_in_hf_cache(_HF_HOME, MODEL_ID, "sam_hq", args.shape)
+        segmenter = Segmenter.from_pretrained(MODEL_ID, device=args.device)
+        picture = load_picture(args.picture)
+        embedding = segmenter.embed(picture)  # cached from here on: no run below encodes
+        segmenter.segment(embedding, ONE_OBJECT)  # first-call overheads out of the measurements
+        print(f"{MODEL_ID} ({args.shape}) on {segmenter.device}; picture {embedding.width}x{embedding.height}")
+        print(environment(segmenter))
+        rows = []
+        for side in (16, 32):
+            for label, knobs in (("official thresholds", {}), ("thresholds 0 (all measured)", {
+                "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0})):  # fmt: skip
+                options = EverythingOptions(points_per_side=side, **knobs)
+                times, result = [], None
+                for _ in range(args.reps):
+                    start = time.perf_counter()
+                    result = generate(segmenter, embedding, options)
+                    times.append(time.perf_counter() - start)
+                t = result.timings
+                row = (
+                    f"| {side}×{side} | {label} | {statistics.median(times):.1f} s | {t['decoder']:.1f} s | "
+                    f"{t['measure']:.1f} s | {t['everything'] / options.batches:.2f} s | {len(result.masks)} |"
+                )
+                rows.append(row)
+                print(row, flush=True)
+
+        # a click's wait while a 16×16 run goes on, against the same click alone
+        alone = []
+        for _ in range(args.clicks):
+            start = time.perf_counter()
+            segmenter.segment(embedding, ONE_OBJECT)
+            alone.append(time.perf_counter() - start)
+        options = EverythingOptions(points_per_side=16)
+        batch_ends: list[float] = []
+        first = threading.Event()
+
+        def progress(report):
+            batch_ends.append(time.perf_counter())
+            first.set()
+
+        run = threading.Thread(target=generate, args=(segmenter, embedding, options), kwargs={"progress": progress})
+        run.start()
+        first.wait()
+        during, batches_waited = [], []
+        for _ in range(args.clicks):
+            if not run.is_alive():
+                break
+            before = len(batch_ends)
+            start = time.perf_counter()
+            segmenter.segment(embedding, ONE_OBJECT)
+            during.append(time.perf_counter() - start)
+            batches_waited.append(len(batch_ends) - before)
+            time.sleep(0.2)  # let the run take its next batch
+        run.join()
+        gaps = [b - a for a, b in zip(batch_ends, batch_ends[1:])]
+        print()
+        print("| grid | thresholds | run (median) | decoder | upscale + measure | per batch of 64 | masks kept |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        print("\n".join(rows))
+        print()
+        print(
+            f"click alone: median {statistics.median(alone) * 1e3:.0f} ms; during a 16×16 run: median "
+            f"{statistics.median(during) * 1e3:.0f} ms, max {max(during) * 1e3:.0f} ms over {len(during)} clicks; "
+            f"batches finished meanwhile: max {max(batches_waited)}; a batch takes {statistics.median(gaps):.2f} s "
+            f"(median)"
+        )
+        return 0
+    finally:
+        shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The knobs of "segment everything", with official SAM-HQ's names and defaults, and their validation.
+
+Named and defaulted as `SamAutomaticMaskGenerator` in SysCV/sam-hq: points_per_side 32, points_per_batch 64,
+pred_iou_thresh 0.88, stability_score_thresh 0.95, stability_score_offset 1.0, box_nms_thresh 0.7. Not offered
+(official's defaults run): crop layers (`crop_n_layers` 0: every mask comes from the one cached embedding of the
+whole picture) and `min_mask_region_area` (0: removing small regions and holes needs OpenCV, and would make a
+mask differ from its grid point's decode, which the page relies on). No torch here: the schema imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import InvalidPromptError
+
+MAX_POINTS_PER_SIDE = 64  # 4096 grid points: past official's 32×32 default, bounded by the work limit anyway
+MAX_POINTS_PER_BATCH = 256
+MAX_STABILITY_OFFSET = 100.0
+PARAM = "segment_everything"  # the request field that carries these knobs
+
+
+@dataclass(frozen=True)
+class EverythingOptions:
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+
+    @property
+    def grid_points(self) -> int:
+        return self.points_per_side**2
+
+    @property
+    def batches(self) -> int:
+        return -(-self.grid_points // self.points_per_batch)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# name → (kind, low, high, low inclusive, high inclusive)
+_RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
+    "points_per_side": (int, 1, MAX_POINTS_PER_SIDE, True, True),
+    "points_per_batch": (int, 1, MAX_POINTS_PER_BATCH, True, True),
+    "pred_iou_thresh": (float, 0.0, 1.0, True, True),
+    "stability_score_thresh": (float, 0.0, 1.0, True, True),
+    "stability_score_offset": (float, 0.0, MAX_STABILITY_OFFSET, False, True),
+    "box_nms_thresh": (float, 0.0, 1.0, False, True),
+}
+
+
+_NOT_OFFERED = {
+    "crop_n_layers",
+    "crop_nms_thresh",
+    "crop_overlap_ratio",
+    "crop_n_points_downscale_factor",
+    "min_mask_region_area",
+    "point_grids",
+    "output_mode",
+}
+
+
+def _fail(message: str, name: str | None = None) -> InvalidPromptError:
+    return InvalidPromptError(message, param=f"{PARAM}.{name}" if name else PARAM, code="invalid_everything_option")
+
+
+def parse_everything(value: Any) -> EverythingOptions:
+    """`segment_everything` as sent: `true` (the defaults) or an object of knobs; every knob checked for
+    its type and range, unknown names refused (a typo must not silently run the defaults)."""
+    if value is True:
+        return EverythingOptions()
+    if not isinstance(value, dict):
+        raise _fail(
+            f'{PARAM} must be true or an object of options such as {{"points_per_side": 16}}, '
+            f"got {type(value).__name__}."
+        )
+    unknown = sorted(set(value) - set(_RANGES))
+    if set(unknown) & _NOT_OFFERED:
+        raise _fail(
+            f"{PARAM}: {', '.join(sorted(set(unknown) & _NOT_OFFERED))} is not offered here (official's default, "
+            "0, is what runs): every mask is the decoder's mask for its grid point.",
+            sorted(set(unknown) & _NOT_OFFERED)[0],
+        )
+    if unknown:
+        raise _fail(f"{PARAM} has unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(_RANGES)}.")
+    checked: dict[str, Any] = {}
+    for name, raw in value.items():
+        kind, low, high, low_in, high_in = _RANGES[name]
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise _fail(f"{PARAM}.{name} must be a number, got {raw!r}.", name)
+        if kind is int and (isinstance(raw, float) and not raw.is_integer()):
+            raise _fail(f"{PARAM}.{name} must be a whole number, got {raw!r}.", name)
+        number = float(raw)
+        inside = (number >= low if low_in else number > low) and (number <= high if high_in else number < high)
+        if not math.isfinite(number) or not inside:
+            left, right = "[" if low_in else "(", "]" if high_in else ")"
+            raise _fail(f"{PARAM}.{name} must be in {left}{low:g}, {high:g}{right}, got {raw!r}.", name)
+        checked[name] = int(number) if kind is int else number
+    return EverythingOptions(**checked)

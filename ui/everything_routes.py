@@ -1,0 +1,206 @@
+"""The page's "Everything" button: find every object of the picture, with progress and Cancel.
+
+A run is a background job per session (`EverythingJob`), so no request waits for it: the page starts it,
+polls its progress (batches done of all), may cancel it (it stops before the next batch), and when it has
+finished asks for its objects to be added to the session. The job holds neither the session's lock nor a
+slot of the page's gate for the whole run: it takes a gate slot per batch and starts no batch while a click
+is decoding (`segmentation.everything`), so this and other visitors' clicks are answered between batches.
+
+The objects found become ordinary page objects. SAM-HQ's generator keeps one mask per grid point: the
+point's best multimask candidate plus the HQ mask, which is exactly what the page decodes for a one-point
+object with its first candidate. So each found object is stored as that one include point (exact
+coordinates, not rounded), and the page's own decode reproduces the mask the generator kept: it can then be
+deleted, refined with more points or a box, and keeps its number like any other object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from segmentation.errors import SegmentationError
+from segmentation.everything_options import EverythingOptions, parse_everything
+
+from . import state as st
+from .sessions import Entry
+
+log = logging.getLogger("ui")
+
+
+@dataclass
+class EverythingJob:
+    model: str
+    picture: st.Picture
+    hq_only: bool
+    options: EverythingOptions
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: int = 0
+    kept: int = 0
+    state: str = "running"  # running, finished, cancelled, failed, applied
+    message: str = ""
+    points: list[list[float]] = field(default_factory=list)  # the grid points of the masks kept, best first
+    thread: threading.Thread | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "done": self.done,
+            "total": self.options.batches,
+            "kept": self.kept,
+            "found": len(self.points) if self.state in ("finished", "applied") else None,
+            "message": self.message,
+        }
+
+
+def add_found_objects(session: st.Session, points: list[list[float]]) -> int:
+    """Each point becomes a new one-point object (first candidate), after the objects already prompted; empty
+    objects go. The first found one becomes active. Returns how many were added."""
+    session.objects = [obj for obj in session.objects if obj.prompted]
+    first = len(session.objects)
+    for x, y in points:
+        session.objects.append(st.ObjectPrompt(session.next_number, points=[[x, y]], labels=[1], edits=[("point",)]))
+        session.next_number += 1
+    if not session.objects:
+        session.objects = [st.ObjectPrompt(session.next_number)]
+        session.next_number += 1
+    session.active = min(first, len(session.objects) - 1)
+    st.changed(session)
+    return len(points)
+
+
+class EverythingRoutes:
+    """The jobs of the sessions, one at most per session."""
+
+    def __init__(self, routes):
+        self.routes = routes
+        self.jobs: dict[str, EverythingJob] = {}
+        self._lock = threading.Lock()
+
+    def start(self, entry: Entry, body: dict[str, Any]) -> dict[str, Any]:
+        session = entry.session
+        if session.picture is None:
+            raise ValueError("Upload a picture first, or pick one of the examples.")
+        backend = self.routes.backend
+        if not hasattr(backend, "segmenter"):
+            raise ValueError("Everything needs the model in this process; this page segments through a remote API.")
+        options = parse_everything(body or True)  # the page sends points_per_side; any official knob is accepted
+        picture = session.picture
+        backend.registry.limits.check_everything_work(options.grid_points, picture.width, picture.height)
+        with self._lock:
+            running = self.jobs.get(session.id)
+            if running is not None and running.state == "running":
+                raise ValueError("Everything is already running for this picture: wait for it or press Cancel.")
+            job = EverythingJob(session.model, picture, session.hq_only, options)
+            self.jobs[session.id] = job
+        job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name="everything")
+        job.thread.start()
+        return job.status()
+
+    def _run(self, job: EverythingJob) -> None:
+        from segmentation.everything import Cancelled, Progress, generate  # the engine: a local backend only
+
+        backend = self.routes.backend
+        try:
+            segmenter = backend.segmenter(job.model)
+            embedding, _ = backend.embedding(job.model, job.picture)
+
+            def progress(report: Progress) -> None:
+                job.done, job.kept = report.done, report.kept
+
+            found = generate(
+                segmenter,
+                embedding,
+                job.options,
+                hq_token_only=job.hq_only,
+                batch_context=self.routes.gate.admit_after_others,
+                progress=progress,
+                cancelled=job.cancel.is_set,
+            )
+            job.points = [list(mask.point) for mask in found.masks]
+            job.state = "finished"
+        except Cancelled:
+            job.state = "cancelled"
+        except SegmentationError as error:
+            job.state, job.message = "failed", error.message
+        except Exception:  # a job must end with a state the page can show
+            log.exception("segment everything failed")
+            job.state, job.message = "failed", "Finding the objects failed on the server; try again."
+
+    def status(self, entry: Entry) -> dict[str, Any]:
+        job = self.jobs.get(entry.session.id)
+        return job.status() if job is not None else {"state": "none", "done": 0, "total": 0, "kept": 0}
+
+    def cancel(self, entry: Entry) -> dict[str, Any]:
+        job = self.jobs.get(entry.session.id)
+        if job is not None and job.state == "running":
+            job.cancel.set()
+        return self.status(entry)
+
+    def apply(self, entry: Entry) -> dict[str, Any]:
+        """Add a finished run's objects to the session (once), then the new view."""
+        session = entry.session
+        job = self.jobs.get(session.id)
+        if job is None or job.state != "finished":
+            raise ValueError("There is no finished run of Everything to add.")
+        if (job.model, job.hq_only) != (session.model, session.hq_only) or (
+            session.picture is None or session.picture.source != job.picture.source
+        ):
+            job.state = "applied"
+            raise ValueError("The picture or the settings changed while Everything ran: press Everything again.")
+        job.state = "applied"
+        added = add_found_objects(session, job.points)
+        preview, status = self.routes.render(entry)
+        found = f"Everything found {added} object(s)" if added else "Everything found no object past the filters"
+        return self.routes.view(entry, preview, f"{found} · {status}")
+
+
+def install_everything_routes(router: APIRouter, routes, guarded) -> None:
+    """Adds /ui/session/{sid}/everything (POST start, GET progress, DELETE cancel) and …/everything/apply."""
+    jobs = EverythingRoutes(routes)
+    routes.everything = jobs
+
+    @router.post("/session/{sid}/everything")
+    async def start(sid: str, request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > 1024:
+            return JSONResponse({"error": {"message": "Too long.", "type": "invalid_request_error"}}, status_code=413)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse(
+                {"error": {"message": "The request must be a JSON object.", "type": "invalid_request_error"}},
+                status_code=400,
+            )
+        return await guarded(sid, lambda entry: JSONResponse(jobs.start(entry, body)))
+
+    @router.get("/session/{sid}/everything")
+    async def progress(sid: str) -> Response:
+        entry = routes.store.get(sid)
+        if entry is None:
+            return JSONResponse(
+                {"error": {"message": "This page's session has expired: reload the page.", "code": "session_expired"}},
+                status_code=404,
+            )
+        return JSONResponse(jobs.status(entry))
+
+    @router.delete("/session/{sid}/everything")
+    async def cancel(sid: str) -> Response:
+        entry = routes.store.get(sid)
+        if entry is None:
+            return JSONResponse(
+                {"error": {"message": "This page's session has expired: reload the page.", "code": "session_expired"}},
+                status_code=404,
+            )
+        return JSONResponse(jobs.cancel(entry))
+
+    @router.post("/session/{sid}/everything/apply")
+    async def apply(sid: str) -> Response:
+        return await guarded(sid, lambda entry: JSONResponse(jobs.apply(entry)))
