@@ -344,7 +344,8 @@ def test_sessions_hold_no_pixels_expire_and_keep_disk_bounded(monkeypatch):
         assert grown < 200 * 2**20, f"20 sessions on a 3.8 MP picture grew RSS by {grown / 2**20:.0f} MiB"
         entry = store.get(sids[-1])
         assert entry is not None and len(pickle.dumps(entry.session)) < 4000
-        assert entry.decoded is None or entry.decoded.logits.nelement() * 4 <= 4 * 2**20
+        decodes = application.state.page.backend.decodes  # the sessions' kept decodes: one bounded cache
+        assert 0 < decodes.nbytes <= decodes.max_bytes
         assert http.post(f"/ui/session/{sids[0]}/op", json={"op": "undo"}).status_code == 404
         http.delete(f"/ui/session/{sids[-1]}")
         assert not entry.folder.exists(), "a closed session's folder and downloads go with it"

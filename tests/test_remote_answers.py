@@ -133,6 +133,7 @@ def remote():
 @pytest.fixture(scope="module")
 def page(remote):
     application = app.build_app(Settings(preload_examples=False), backend_url=remote.url)
+    application.state.page.store.per_client = 100  # a session per case from one address (test_sessions_public)
     with LiveServer(application) as live:
         yield live
 
