@@ -45,7 +45,9 @@ class Records(logging.Handler):
 @pytest.fixture(scope="module")
 def server():
     application = app.build_app(SETTINGS)
-    application.state.page.store.per_client = 100  # a session per test from one address (the share: test_sessions_public)
+    application.state.page.store.per_client = (
+        100  # a session per test from one address (the share: test_sessions_public)
+    )
     with LiveServer(application, log_level="info") as live:
         live.app = application
         records = Records()
