@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.ui_sessions_per_client is not None:
         os.environ["SAMHQ_UI_SESSIONS_PER_CLIENT"] = str(args.ui_sessions_per_client)
     if args.auth:
-        parse_accounts(args.auth)  # a malformed USER:PASS stops here, with the message
+        try:
+            parse_accounts(args.auth)  # a malformed USER:PASS stops here, with the message
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         os.environ["SAMHQ_AUTH"] = ",".join(args.auth)
     if args.trusted_proxies is not None:
         os.environ["SAMHQ_TRUSTED_PROXIES"] = args.trusted_proxies

@@ -193,8 +193,9 @@ def test_row3_a_flood_of_edits_on_one_session_holds_no_worker_and_hung_up_edits_
         http.delete(f"/ui/session/{stranger}")
         http.delete(f"/ui/session/{visitor}")
     print(f"row 3: idle upload {idle_upload:.2f} s; while 80 hung-up edits arrived: {latencies}; ran: {added}")
-    assert latencies["api"] < 2 and latencies["thumbnail"] < 2, latencies  # before: ~80 s each
-    assert latencies["upload"] < idle_upload + 3, (idle_upload, latencies)
+    # before, each waited behind the 80 edits (here 80 x 0.5 s = 40 s); the bounds leave room for a loaded machine
+    assert latencies["api"] < 5 and latencies["thumbnail"] < 5, latencies
+    assert latencies["upload"] < 2 * idle_upload + 5, (idle_upload, latencies)
     assert added <= WAITING_PER_SESSION, f"{added} edits of clients that had hung up still ran"
 
 
