@@ -404,18 +404,19 @@ def _send_file(file: IO[bytes], name: str, accepts_gzip: bool) -> Response:
     """Stream an opened download (never reopened by name: see `PageRoutes.download`)."""
     media = {"png": "image/png", "json": "application/json", "py": "text/x-python"}[name.rsplit(".", 1)[1]]
     headers = {"Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{name}"'}
+    source: IO[bytes] = file
     if name in COMPRESSED:
         headers["Vary"] = "Accept-Encoding"
         if accepts_gzip:
             headers["Content-Encoding"] = "gzip"
         else:
-            file = gzip.GzipFile(fileobj=file, mode="rb")  # unpacked as it streams: no length known ahead
-    if not isinstance(file, gzip.GzipFile):
+            source = gzip.GzipFile(fileobj=file, mode="rb")  # unpacked as it streams: no length known ahead
+    if source is file:
         headers["Content-Length"] = str(os.fstat(file.fileno()).st_size - file.tell())
 
     def chunks():
-        with file:
-            while chunk := file.read(CHUNK):
+        with file, source:
+            while chunk := source.read(CHUNK):
                 yield chunk
 
     return StreamingResponse(chunks(), media_type=media, headers=headers)
