@@ -166,13 +166,18 @@ def test_row2_a_chunked_edit_is_read_no_further_than_an_edit(server, http):
     assert status == 413 and closed, answer[:300]
 
 
-def test_row2_an_upload_to_no_session_is_404_before_its_body_and_nothing_is_drained(server):
+def test_row2_an_upload_to_no_session_is_404_before_its_body_and_nothing_is_drained(server, http):
     sock = unfinished(server, "/ui/session/no-such-session/picture", 4 * MiB, 64 * 1024)
     started = time.monotonic()
     status, answer, closed = read_answer(sock, timeout=15)
     sock.close()
     assert status == 404 and b"session_expired" in answer, answer[:300]
     assert closed and time.monotonic() - started < 5, "answered at once and the connection closed (not drained)"
+    sid = http.post("/ui/session").json()["session"]
+    sock = unfinished(server, f"/ui/session/{sid}/picture", PICTURE_CAP + 1, 64 * 1024)  # too large, announced
+    status, answer, closed = read_answer(sock, timeout=15)
+    sock.close()
+    assert status == 413 and b"file_too_large" in answer and closed, answer[:300]
 
 
 def test_row2_a_slow_but_steady_upload_is_served(server, http):

@@ -544,7 +544,13 @@ def install_page_routes(app, routes: PageRoutes) -> None:
             return error(404, "This page's session has expired: reload the page.", "session_expired")
         upload = None
         if index is None:
-            upload = await _receive_upload(request, entry.folder, routes.limits.max_picture_bytes)
+            cap = routes.limits.max_picture_bytes
+            announced = request.headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > cap:  # refused before a byte is read (and never drained)
+                return error(
+                    413, f"The file is larger than the {cap / 2**20:.1f} MB limit for a picture.", "file_too_large"
+                )
+            upload = await _receive_upload(request, entry.folder, cap)
             if isinstance(upload, Response):
                 return upload
         name = unquote(request.headers.get("x-filename", "picture.jpg"))
