@@ -384,18 +384,19 @@ def _send_file(file: IO[bytes], name: str, accepts_gzip: bool) -> Response:
     """Stream an opened download (never reopened by name: see `PageRoutes.download`)."""
     media = {"png": "image/png", "json": "application/json", "py": "text/x-python"}[name.rsplit(".", 1)[1]]
     headers = {"Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{name}"'}
+    source: IO[bytes] = file
     if name in COMPRESSED:
         headers["Vary"] = "Accept-Encoding"
         if accepts_gzip:
             headers["Content-Encoding"] = "gzip"
         else:
-            file = gzip.GzipFile(fileobj=file, mode="rb")  # unpacked as it streams: no length known ahead
-    if not isinstance(file, gzip.GzipFile):
+            source = gzip.GzipFile(fileobj=file, mode="rb")  # unpacked as it streams: no length known ahead
+    if source is file:
         headers["Content-Length"] = str(os.fstat(file.fileno()).st_size - file.tell())
 
     def chunks():
-        with file:
-            while chunk := file.read(CHUNK):
+        with file, source:
+            while chunk := source.read(CHUNK):
                 yield chunk
 
     return StreamingResponse(chunks(), media_type=media, headers=headers)
@@ -587,7 +588,13 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             return error(404, "This page's session has expired: reload the page.", "session_expired")
         upload = None
         if index is None:
-            upload = await _receive_upload(request, entry.folder, routes.limits.max_picture_bytes)
+            cap = routes.limits.max_picture_bytes
+            announced = request.headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > cap:  # refused before a byte is read (and never drained)
+                return error(
+                    413, f"The file is larger than the {cap / 2**20:.1f} MB limit for a picture.", "file_too_large"
+                )
+            upload = await _receive_upload(request, entry.folder, cap)
             if isinstance(upload, Response):
                 return upload
         name = unquote(request.headers.get("x-filename", "picture.jpg"))
