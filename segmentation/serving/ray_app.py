@@ -150,13 +150,16 @@ class SegmenterReplica:
             except ModelUnavailableError:
                 log.exception("replica %s could not load %s", self.name, name)
 
-    async def segment(self, request: dict[str, Any]) -> tuple[service.SegmentResult, str]:
-        """`service.segment(registry, **request)` on this replica; returns (result, replica name)."""
+    async def segment(self, request: dict[str, Any]) -> tuple[service.SegmentResult | SegmentationError, str]:
+        """`service.segment(registry, **request)` on this replica; returns (result or our error, replica name)."""
         picture = serve.get_multiplexed_model_id()
         if picture:
             await self._hold(picture)
         work = partial(service.segment, self.registry, **request)
-        result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
+        except SegmentationError as error:  # the caller's mistake, or a 503: an answer, not a replica failure
+            return error, self.name  # (raised, Ray would log a traceback for every bad request)
         return result, self.name
 
     def model_status(self) -> dict[str, str]:
@@ -244,6 +247,8 @@ class Ingress:
                     time.sleep(0.1 * 2**attempt)
                 continue
             answered_by(replica)
+            if isinstance(result, SegmentationError):
+                raise result
             return result
         raise ModelUnavailableError("No segmentation replica answered; retry in a few seconds.")
 
