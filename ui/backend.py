@@ -238,10 +238,9 @@ class LocalBackend:
         width, height = picture.preview
         chosen = [min(plan[i], parts[i].count - 1) for i in range(n)]
         keys = [(embedding.key, obj, hq) for obj in prompt.objects]
-        # one object at a time: those not kept exist only while they are folded into the map
         map_key = ("map", embedding.key, prompt.objects, hq, tuple(chosen), (height, width))
         kept = self.decodes.get(map_key, request)  # a no-op (select) finds its map as it was: nothing to compose
-        if kept is None:
+        if kept is None:  # one object at a time: windows not kept exist only while they are folded into the map
             windows = (
                 self._window(embedding, keys[i], parts[i], chosen[i], (height, width), request) for i in range(n)
             )
