@@ -12,7 +12,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 from PIL import Image
@@ -101,27 +101,48 @@ def _compose_label_map(
     return labels
 
 
-def compose_upscaled(upscaled: Iterable[torch.Tensor], n_objects: int) -> torch.Tensor:
-    """The label map `compose_label_map` gives, from each object's logits already upscaled to the map's size
-    ((H, W) each, in prompt order): > 0 claims a pixel, the highest logit wins, ties go to the earlier object.
-    A caller that keeps each object's upscaled logits composes a map in a few passes per object; `upscaled`
-    may be a generator, so no more than one object's upscaled logits need exist besides the running best."""
+# An object's upscaled logits where it can claim pixels: (top, left, logits) of the smallest window holding
+# every pixel whose logit is > 0 (outside it the object claims nothing), or None when it claims nothing.
+Window: TypeAlias = "tuple[int, int, torch.Tensor] | None"
+
+
+def positive_window(upscaled: torch.Tensor) -> Window:
+    """The part of an object's (H, W) upscaled logits that can matter to a label map (see `Window`)."""
     import torch
 
-    dtype = _device_label_dtype(n_objects)
-    labels = best = wins = None
     with torch.inference_mode():
-        for value, logits in enumerate(upscaled, start=1):
+        positive = upscaled > 0
+        rows = torch.nonzero(positive.any(dim=1)).flatten()
+        if rows.numel() == 0:
+            return None
+        cols = torch.nonzero(positive.any(dim=0)).flatten()
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        return top, left, upscaled[top:bottom, left:right].clone()
+
+
+def compose_upscaled(windows: Iterable[Window], n_objects: int, size: tuple[int, int]) -> torch.Tensor:
+    """The label map `compose_label_map` gives, from each object's upscaled logits (`positive_window`, in
+    prompt order): > 0 claims a pixel, the highest logit wins, ties go to the earlier object. A caller that
+    keeps each object's window composes a map in a few passes over each object's window only; `windows` may
+    be a generator, so no more than one object's upscaled logits need exist besides the running best."""
+    import torch
+
+    labels = best = None
+    with torch.inference_mode():
+        for value, window in enumerate(windows, start=1):
+            if window is None:
+                continue
+            top, left, logits = window
             if labels is None:
-                wins = logits > 0
-                labels = torch.zeros(logits.shape, dtype=dtype, device=logits.device).masked_fill_(wins, value)
-                best = logits.clamp_min(0)
-            else:
-                torch.gt(logits, best, out=wins)  # strictly: on a tie the earlier object keeps the pixel
-                labels.masked_fill_(wins, value)
-                torch.maximum(best, logits, out=best)
+                labels = torch.zeros(size, dtype=_device_label_dtype(n_objects), device=logits.device)
+                best = torch.zeros(size, dtype=logits.dtype, device=logits.device)
+            height, width = logits.shape
+            region = best[top : top + height, left : left + width]
+            wins = logits > region  # strictly, and the best is never below 0: an earlier object keeps a tie
+            labels[top : top + height, left : left + width].masked_fill_(wins, value)
+            region.copy_(torch.maximum(region, logits))
     if labels is None:
-        raise ValueError("no objects to compose")
+        return torch.zeros(size, dtype=_device_label_dtype(n_objects))
     return labels
 
 

@@ -151,7 +151,7 @@ def test_an_edit_over_a_limit_is_refused_before_it_is_stored(server):
 
 def test_a_decode_put_back_together_from_its_parts_composes_the_same_maps(segmenter, picture):
     from segmentation.engine import Decoded
-    from segmentation.masks import compose_upscaled
+    from segmentation.masks import compose_upscaled, positive_window
     from segmentation.prompts import Prompt
 
     embedding = segmenter.embed(picture)
@@ -176,11 +176,14 @@ def test_a_decode_put_back_together_from_its_parts_composes_the_same_maps(segmen
 
     logits = whole.logits[:, 0].float()
     logits[3] = logits[0]  # exact ties: the earlier object keeps the pixel
+    logits[2] = -logits[2].abs() - 1  # an object that claims nothing
+    logits[1, :, :128] = -5  # one that claims only part of the map: a window
     size = (90, 140)
-    upscaled = [upscale_logits(logits[i : i + 1], embedding.resized_size, size)[0] for i in range(4)]
-    np.testing.assert_array_equal(
-        compose_upscaled(iter(upscaled), 4).numpy(), compose_label_map(logits, embedding.resized_size, size).numpy()
-    )
+    windows = [positive_window(upscale_logits(logits[i : i + 1], embedding.resized_size, size)[0]) for i in range(4)]
+    assert windows[2] is None and windows[1][2].shape[1] < size[1]
+    expected = compose_label_map(logits, embedding.resized_size, size).numpy()
+    np.testing.assert_array_equal(compose_upscaled(iter(windows), 4, size).numpy(), expected)
+    assert 3 not in expected and 4 not in expected, "claims nothing; ties with object 1 everywhere"
 
 
 def test_the_decode_cache_stays_within_its_bytes_and_keeps_what_a_request_uses():

@@ -24,7 +24,14 @@ import torch
 from segmentation.decoder import upscale_logits
 from segmentation.engine import MAX_DECODE_BATCH, Embedding, LabelMap, ObjectDecode, Segmenter
 from segmentation.errors import ModelUnavailableError, SegmentationError
-from segmentation.masks import compose_label_map, compose_upscaled, object_stats, to_numpy_labels
+from segmentation.masks import (
+    Window,
+    compose_label_map,
+    compose_upscaled,
+    object_stats,
+    positive_window,
+    to_numpy_labels,
+)
 from segmentation.prompts import Prompt, parse_prompt
 from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
@@ -194,9 +201,16 @@ class LocalBackend:
         width, height = picture.preview
         chosen = [min(plan[i], parts[i].count - 1) for i in range(n)]
         keys = [(embedding.key, obj, hq) for obj in prompt.objects]
-        # one object at a time: those not kept exist only while they are folded into the map
-        upscaled = (self._upscaled(embedding, keys[i], parts[i], chosen[i], (height, width), request) for i in range(n))
-        label_map = to_numpy_labels(compose_upscaled(upscaled, n), n)
+        map_key = ("map", embedding.key, prompt.objects, hq, tuple(chosen), (height, width))
+        kept = self.decodes.get(map_key, request)  # a no-op (select) finds its map as it was: nothing to compose
+        if kept is None:  # one object at a time: windows not kept exist only while they are folded into the map
+            windows = (
+                self._window(embedding, keys[i], parts[i], chosen[i], (height, width), request) for i in range(n)
+            )
+            label_map = to_numpy_labels(compose_upscaled(windows, n, (height, width)), n)
+            kept = (label_map, object_stats(label_map, n))
+            self.decodes.put(map_key, kept, label_map.nbytes + 64 * n, request)
+        label_map, stats = kept
         total = float(label_map.size)
         objects = tuple(
             PreviewObject(
@@ -206,7 +220,7 @@ class LocalBackend:
                 candidate=chosen[s.value - 1],
                 candidates=parts[s.value - 1].count,
             )
-            for s in object_stats(label_map, n)
+            for s in stats
         )
         thumbnails: tuple[tuple[np.ndarray, float], ...] = ()
         if active is not None and parts[active].count > 1:
@@ -238,20 +252,21 @@ class LocalBackend:
             del fresh
         return parts, len(missing), ({"decoder": seconds} if missing else {})  # type: ignore[return-value]
 
-    def _upscaled(
+    def _window(
         self, embedding: Embedding, key: tuple, part: ObjectDecode, candidate: int, size: tuple[int, int], request: int
-    ) -> torch.Tensor:
-        """An object's candidate logits upscaled to the preview (H, W), as `compose_label_map` upscales them
-        (so the map is the same, bit for bit), kept for the next edit."""
+    ) -> Window:
+        """An object's candidate logits upscaled to the preview (H, W) as `compose_label_map` upscales them (so
+        the map is the same, bit for bit), cut to the window where it can claim pixels, kept for the next edit."""
         kept_key = ("preview", *key, candidate, size)
         kept = self.decodes.get(kept_key, request)
         if kept is not None:
-            return kept
+            return kept[0]
         with torch.inference_mode():
             low = part.logits[candidate][None].float()
-            upscaled = upscale_logits(low, embedding.resized_size, size)[0].contiguous()
-        self.decodes.put(kept_key, upscaled, upscaled.element_size() * upscaled.nelement(), request)
-        return upscaled
+            window = positive_window(upscale_logits(low, embedding.resized_size, size)[0])
+        nbytes = 64 if window is None else 64 + window[2].element_size() * window[2].nelement()
+        self.decodes.put(kept_key, (window,), nbytes, request)  # a tuple: a window of None is kept too
+        return window
 
     def _thumbnails(
         self, embedding: Embedding, key: tuple, part: ObjectDecode, preview: tuple[int, int], request: int
