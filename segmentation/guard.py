@@ -13,8 +13,8 @@
 * Every early answer closes the connection (`Connection: close`): the server never drains an unread
   body (uvicorn would otherwise read and discard it, past the cap, to reuse the connection).
 
-The page (its `/ui` routes) stays reachable without a key: protect it with a private Space or an
-authenticating proxy in front (README; Gradio's own auth does not cover `/ui`).
+The page (its `/ui` routes) stays reachable without an API key: `--auth USER:PASS` (`SAMHQ_AUTH`) puts it
+behind Gradio's login, which `ui.login` extends to every `/ui` route (README: what is public in each mode).
 """
 
 from __future__ import annotations

@@ -299,12 +299,11 @@ class LocalBackend:
         *,
         boxes: list | None = None,
         hq_only: bool,
-        reuse: Any = None,
     ) -> FullMap:
         """The full-size label map for downloads: the API's map for the same prompt and candidates, bit for bit,
         so the whole prompt is decoded as the API decodes it (its objects batched by layout). The kept
         per-object decodes are not used here: the decoder's batches agree with a lone object's decode only to
-        float rounding, and the downloads promise the API's bytes. `reuse` is accepted and ignored."""
+        float rounding, and the downloads promise the API's bytes."""
         segmenter = self.segmenter(model)
         embedding, cached = self.embedding(model, picture)
         prompt = self._parse(segmenter, embedding, points, labels, boxes)

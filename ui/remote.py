@@ -172,7 +172,6 @@ class RemoteBackend:
         *,
         boxes: list | None = None,
         hq_only: bool,
-        reuse: Any = None,
     ) -> FullMap:
         """The full-size map of the downloads: the remote's own answer for the prompt (the API's bytes)."""
         candidate = _shared_choice(plan, _ambiguous(points, boxes))
