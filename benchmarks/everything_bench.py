@@ -32,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--picture", help="a picture file (default: assets/coffee.jpg resized to 1500x1000)")
     parser.add_argument("--reps", type=int, default=1, help="runs per grid (the median is printed)")
     parser.add_argument("--clicks", type=int, default=8)
+    parser.add_argument("--grids", default="16,32", help="points_per_side values to time")
+    parser.add_argument("--worst-case-up-to", type=int, default=16, help="largest grid also timed with thresholds 0")
     args = parser.parse_args(argv)
 
     import shutil
 
     from segmentation import Segmenter
-    from segmentation.everything import generate
+    from segmentation.everything import Cancelled, generate
     from segmentation.everything_options import EverythingOptions
     from segmentation.offline import install_in_hf_cache
 
@@ -51,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{MODEL_ID} ({args.shape}) on {segmenter.device}; picture {embedding.width}x{embedding.height}")
         print(environment(segmenter))
         rows = []
-        for side in (16, 32):
+        for side in (int(v) for v in args.grids.split(",") if v):
             for label, knobs in (("official thresholds", {}), ("thresholds 0 (all measured)", {
                 "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0})):  # fmt: skip
+                if knobs and side > args.worst_case_up_to:
+                    continue
                 options = EverythingOptions(points_per_side=side, **knobs)
                 times, result = [], None
                 for _ in range(args.reps):
@@ -82,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             batch_ends.append(time.perf_counter())
             first.set()
 
-        run = threading.Thread(target=generate, args=(segmenter, embedding, options), kwargs={"progress": progress})
+        stop = threading.Event()
+
+        def run_until_stopped():
+            try:
+                generate(segmenter, embedding, options, progress=progress, cancelled=stop.is_set)
+            except Cancelled:
+                pass
+
+        run = threading.Thread(target=run_until_stopped)
         run.start()
         first.wait()
         during, batches_waited = [], []
@@ -95,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             during.append(time.perf_counter() - start)
             batches_waited.append(len(batch_ends) - before)
             time.sleep(0.2)  # let the run take its next batch
+        stop.set()  # the clicks are measured: the rest of the run is not needed
         run.join()
-        gaps = [b - a for a, b in zip(batch_ends, batch_ends[1:])]
+        gaps = [b - a for a, b in zip(batch_ends, batch_ends[1:])] or [float("nan")]
         print()
         print("| grid | thresholds | run (median) | decoder | upscale + measure | per batch of 64 | masks kept |")
         print("|---|---|---:|---:|---:|---:|---:|")
