@@ -124,3 +124,33 @@ def test_a_click_during_a_run_is_answered_before_it_ends_after_at_most_one_batch
         assert after["done"] - before["done"] <= 1, f"the click waited {after['done'] - before['done']} batches"
     http.delete(f"/ui/session/{sid}/everything")
     _wait(http, sid, lambda s: s["state"] != "running")
+
+
+def test_found_objects_pass_the_object_limit_runs_are_bounded_and_a_closed_pages_run_stops(picture):
+    """Applying a run is an edit like any other: past the object limit only the best found objects are added
+    (said in the status), never stored and then refused. At most `MAX_RUNNING` runs go at once (429 past it),
+    and a run whose page was closed stops before its next batch."""
+    import app as app_module
+    from segmentation.settings import Settings
+
+    application = app_module.build_app(Settings(model=HQ_ID, preload_examples=False, device="cpu", max_objects=2))
+    jobs = application.state.page.everything
+    with LiveServer(application) as live:
+        http, sid = _session(live, picture)
+        assert http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 20, "y": 20}).status_code == 200
+        http.post(f"/ui/session/{sid}/everything", json=KNOBS)
+        assert _wait(http, sid, lambda s: s["state"] != "running")["found"] >= 2
+        view = http.post(f"/ui/session/{sid}/everything/apply").json()
+        assert [len(o["points"]) for o in view["objects"] if o["value"]] == [1, 1]  # the click and the best found
+        assert "the 1 best: a picture holds at most 2 objects" in view["status"]
+
+        jobs.MAX_RUNNING = 1
+        other_http, other = _session(live, picture)
+        long_run = {**KNOBS, "points_per_side": 32, "points_per_batch": 8}
+        assert other_http.post(f"/ui/session/{other}/everything", json=long_run).json()["state"] == "running"
+        refused = http.post(f"/ui/session/{sid}/everything", json=KNOBS)
+        assert refused.status_code == 429 and "other visitors" in refused.json()["error"]["message"]
+        job = jobs.jobs[other]
+        other_http.delete(f"/ui/session/{other}")  # the tab is closed: nobody will read the result
+        job.thread.join(timeout=120)
+        assert not job.thread.is_alive() and job.state == "cancelled" and job.done < job.options.batches

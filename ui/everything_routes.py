@@ -15,7 +15,7 @@ deleted, refined with more points or a box, and keeps its number like any other 
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -26,8 +26,10 @@ from fastapi.responses import JSONResponse, Response
 
 from segmentation.errors import SegmentationError
 from segmentation.everything_options import EverythingOptions, parse_everything
+from segmentation.service import OverloadedError
 
 from . import state as st
+from .answers import expired, small_json_object
 from .sessions import Entry
 
 log = logging.getLogger("ui")
@@ -46,6 +48,7 @@ class EverythingJob:
     message: str = ""
     points: list[list[float]] = field(default_factory=list)  # the grid points of the masks kept, best first
     thread: threading.Thread | None = None
+    session: str = ""  # its session's id: the job stops when the session is gone
 
     def status(self) -> dict[str, Any]:
         return {
@@ -75,7 +78,11 @@ def add_found_objects(session: st.Session, points: list[list[float]]) -> int:
 
 
 class EverythingRoutes:
-    """The jobs of the sessions, one at most per session."""
+    """The jobs of the sessions, one at most per session, and at most `MAX_RUNNING` running at once in the
+    process (each holds a thread; past it a 429): a job whose session is gone stops before its next batch,
+    and its record goes when the next job starts."""
+
+    MAX_RUNNING = 2
 
     def __init__(self, routes):
         self.routes = routes
@@ -93,10 +100,14 @@ class EverythingRoutes:
         picture = session.picture
         backend.registry.limits.check_everything_work(options.grid_points, picture.width, picture.height)
         with self._lock:
+            store = self.routes.store
+            self.jobs = {sid: job for sid, job in self.jobs.items() if sid in store or job.state == "running"}
             running = self.jobs.get(session.id)
             if running is not None and running.state == "running":
                 raise ValueError("Everything is already running for this picture: wait for it or press Cancel.")
-            job = EverythingJob(session.model, picture, session.hq_only, options)
+            if sum(job.state == "running" for job in self.jobs.values()) >= self.MAX_RUNNING:
+                raise OverloadedError("Everything is running for other visitors right now: try again in a minute.")
+            job = EverythingJob(session.model, picture, session.hq_only, options, session=session.id)
             self.jobs[session.id] = job
         job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name="everything")
         job.thread.start()
@@ -120,7 +131,7 @@ class EverythingRoutes:
                 hq_token_only=job.hq_only,
                 batch_context=self.routes.gate.admit_after_others,
                 progress=progress,
-                cancelled=job.cancel.is_set,
+                cancelled=lambda: job.cancel.is_set() or job.session not in self.routes.store,
             )
             job.points = [list(mask.point) for mask in found.masks]
             job.state = "finished"
@@ -154,9 +165,26 @@ class EverythingRoutes:
             job.state = "applied"
             raise ValueError("The picture or the settings changed while Everything ran: press Everything again.")
         job.state = "applied"
-        added = add_found_objects(session, job.points)
-        preview, status = self.routes.render(entry)
+        # on a draft, as any edit: the objects must pass the limits before the session stores them
+        max_objects = self.routes.backend.registry.limits.max_objects
+        room = max_objects - len(session.prompted())
+        points = job.points[: max(0, room)]
+        draft = copy.deepcopy(session)
+        added = add_found_objects(draft, points)
+        prompted = draft.prompted()
+        if prompted:
+            self.routes.backend.check(
+                draft.model,
+                draft.picture,
+                [o.points for o in prompted],
+                [o.labels for o in prompted],
+                [o.box for o in prompted] if any(o.box for o in prompted) else None,
+            )
+        preview, status = self.routes.render(entry, draft)
+        vars(session).update(vars(draft))
         found = f"Everything found {added} object(s)" if added else "Everything found no object past the filters"
+        if added < len(job.points):
+            found += f" (the {added} best: a picture holds at most {max_objects} objects)"
         return self.routes.view(entry, preview, f"{found} · {status}")
 
 
@@ -167,40 +195,21 @@ def install_everything_routes(router: APIRouter, routes, guarded) -> None:
 
     @router.post("/session/{sid}/everything")
     async def start(sid: str, request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > 1024:
-            return JSONResponse({"error": {"message": "Too long.", "type": "invalid_request_error"}}, status_code=413)
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            return JSONResponse(
-                {"error": {"message": "The request must be a JSON object.", "type": "invalid_request_error"}},
-                status_code=400,
-            )
-        return await guarded(sid, lambda entry: JSONResponse(jobs.start(entry, body)))
+        body = await small_json_object(request, 1024, "Everything's settings")
+        if isinstance(body, Response):
+            return body
+        return await guarded(sid, lambda entry: JSONResponse(jobs.start(entry, body)), request)
 
     @router.get("/session/{sid}/everything")
     async def progress(sid: str) -> Response:
         entry = routes.store.get(sid)
-        if entry is None:
-            return JSONResponse(
-                {"error": {"message": "This page's session has expired: reload the page.", "code": "session_expired"}},
-                status_code=404,
-            )
-        return JSONResponse(jobs.status(entry))
+        return expired() if entry is None else JSONResponse(jobs.status(entry))
 
     @router.delete("/session/{sid}/everything")
     async def cancel(sid: str) -> Response:
         entry = routes.store.get(sid)
-        if entry is None:
-            return JSONResponse(
-                {"error": {"message": "This page's session has expired: reload the page.", "code": "session_expired"}},
-                status_code=404,
-            )
-        return JSONResponse(jobs.cancel(entry))
+        return expired() if entry is None else JSONResponse(jobs.cancel(entry))
 
     @router.post("/session/{sid}/everything/apply")
-    async def apply(sid: str) -> Response:
-        return await guarded(sid, lambda entry: JSONResponse(jobs.apply(entry)))
+    async def apply(sid: str, request: Request) -> Response:
+        return await guarded(sid, lambda entry: JSONResponse(jobs.apply(entry)), request)

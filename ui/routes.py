@@ -42,6 +42,7 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 
 from . import pictures
 from . import state as st
+from .answers import error, expired, small_json_object
 from .clients import ClientIdentity
 from .everything_routes import install_everything_routes
 from .logs import redact_access_log
@@ -65,13 +66,6 @@ CHUNK = 256 * 1024
 
 def example_pictures() -> list[Path]:
     return sorted(ASSETS.glob("*.jpg"))
-
-
-def error(status: int, message: str, code: str = "invalid_request", **extra: Any) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}, **extra},
-        status_code=status,
-    )
 
 
 def banner(model: str, reason: str) -> dict[str, str]:
@@ -500,7 +494,7 @@ async def _receive_upload(request: Request, folder: Path, cap: int) -> Path | Re
         return error(400, "The upload did not arrive whole.", "incomplete_upload")
     except FileNotFoundError:  # the session ended (its folder went) while the body arrived
         path.unlink(missing_ok=True)
-        return error(404, "This page's session has expired: reload the page.", "session_expired")
+        return expired()
     if size == 0:
         path.unlink(missing_ok=True)
         return error(400, "The upload is empty.")
@@ -527,7 +521,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
         waited is dropped before it runs."""
         entry = store.get(sid)
         if entry is None:
-            return error(404, "This page's session has expired: reload the page.", "session_expired")
+            return expired()
         if entry.pending >= WAITING_PER_SESSION:
             return error(429, "This page has too many requests waiting: wait for the last one to finish.", "busy")
         entry.pending += 1
@@ -557,7 +551,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
         except ValueError as failure:
             return error(400, str(failure))
         except FileNotFoundError:  # the session was closed or pushed out while this request ran
-            return error(404, "This page's session has expired: reload the page.", "session_expired")
+            return expired()
         except StaleDownload:
             return error(409, "This download belongs to an earlier prompt: press Download again.", "stale")
         finally:
@@ -585,7 +579,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             return error(400, "example must be an index.")
         entry = store.get(sid)
         if entry is None:  # answered before the body is read; the guard closes the connection (never drained)
-            return error(404, "This page's session has expired: reload the page.", "session_expired")
+            return expired()
         upload = None
         if index is None:
             cap = routes.limits.max_picture_bytes
@@ -610,20 +604,9 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
 
     @router.post("/session/{sid}/op")
     async def op(sid: str, request: Request) -> Response:
-        announced = request.headers.get("content-length", "")
-        if announced.isdigit() and int(announced) > 4096:  # refused before a byte of the body is read
-            return error(413, "An edit is a few bytes.", "too_large")
-        raw = b""
-        async for chunk in request.stream():  # a chunked edit: read no further than an edit can be
-            raw += chunk
-            if len(raw) > 4096:
-                return error(413, "An edit is a few bytes.", "too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: a few KB of nested brackets
-            return error(400, "The edit is not JSON.")
-        if not isinstance(body, dict):
-            return error(400, "The edit must be a JSON object.")
+        body = await small_json_object(request, 4096, "The edit")
+        if isinstance(body, Response):
+            return body
         return await guarded(sid, lambda entry: JSONResponse(routes.apply(entry, body)), request)
 
     @router.get("/session/{sid}/preview.jpg")

@@ -171,6 +171,10 @@ class SessionStore:
             entry = self._entries.pop(sid, None)
         self._remove([entry] if entry else [])
 
+    def __contains__(self, sid: object) -> bool:
+        """Whether the session is open (without touching it, unlike `get`)."""
+        return sid in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
