@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ImageTooLargeError, InvalidPromptError, RequestLimitError
+from .prompts import Prompt, parse_prompt
 
 MiB = 1024 * 1024
 # what a segmentation body carries besides its picture's base64 (prompt, options; at most an eighth of
@@ -112,6 +113,25 @@ class Limits:
             raise InvalidPromptError(
                 f"object {index + 1} has {count} points; the limit is {self.max_points}.", param="segment_prompt"
             )
+
+    def check_prompt(
+        self,
+        points: Any,
+        labels: Any,
+        boxes: Any,
+        width: int,
+        height: int,
+        candidates: int = 1,
+        work_size: tuple[int, int] | None = None,
+    ) -> Prompt:
+        """The prompt parsed within the object and point limits, its coordinates inside a `width` × `height`
+        picture, and its work (objects × `candidates` maps at `work_size`, default the picture's) within
+        `max_work_mp`: what every way in (the API, the page, a page in front of a remote API) asks first."""
+        prompt = parse_prompt(
+            points, labels, boxes, width=width, height=height, max_objects=self.max_objects, max_points=self.max_points
+        )
+        self.check_work(len(prompt), candidates, *(work_size or (width, height)))
+        return prompt
 
     def check_work(self, objects: int, candidates: int, width: int, height: int) -> None:
         """Composing label maps costs objects × candidates × picture pixels (time; memory is bounded per object)."""

@@ -32,7 +32,6 @@ from .images import upright_size
 from .limits import Limits
 from .masks import compose_label_map, encode_png, object_stats, resize_nearest, to_numpy_labels
 from .models import resolve_device
-from .prompts import parse_prompt
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -275,16 +274,7 @@ def segment(
     limits.check_picture_bytes(_file_bytes(image))
     segmenter = registry.get(model)
     width, height = upright_size(image, segmenter.max_pixels)
-    prompt = parse_prompt(
-        points,
-        labels,
-        boxes,
-        width=width,
-        height=height,
-        max_objects=limits.max_objects,
-        max_points=limits.max_points,
-    )
-    limits.check_work(len(prompt), candidates, width, height)
+    prompt = limits.check_prompt(points, labels, boxes, width, height, candidates)
     try:
         timings: dict[str, float] = {}
         start = time.perf_counter()

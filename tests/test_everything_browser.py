@@ -4,29 +4,17 @@ run, and a found object is an ordinary object that a click refines."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import HQ_ID, make_picture
 from live_server import LiveServer
 from PIL import Image
-from test_browser import ARGS, CHROMIUM, HEIGHT, WIDTH, _artifact, click_at, open_page, upload
+from test_browser import HEIGHT, WIDTH, _artifact, click_at, open_page, upload
 
 pytestmark = pytest.mark.browser
 
 # random weights: official's thresholds keep nothing, and every box is about the whole picture
 LOW = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.05, "box_nms_thresh": 1.0, "points_per_batch": 8}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from segmentation.masks import (
     positive_window,
     to_numpy_labels,
 )
-from segmentation.prompts import Prompt, parse_prompt
+from segmentation.prompts import Prompt
 from segmentation.service import ModelRegistry
 from segmentation.settings import Settings
 
@@ -164,17 +164,9 @@ class LocalBackend:
         """Would the page accept this prompt? The API's object and point limits, coordinates inside the
         picture and the work limit for a map at preview size, checked from the picture's size alone (no
         model, no embedding): the page calls it before it stores an edit, so a refused edit leaves nothing."""
-        limits = self.registry.limits
-        prompt = parse_prompt(
-            points,
-            labels,
-            boxes,
-            width=picture.width,
-            height=picture.height,
-            max_objects=limits.max_objects,
-            max_points=limits.max_points,
+        self.registry.limits.check_prompt(
+            points, labels, boxes, picture.width, picture.height, work_size=picture.preview
         )
-        limits.check_work(len(prompt), 1, *picture.preview)
 
     def preview(
         self,

@@ -35,7 +35,6 @@ from PIL import Image
 from segmentation.client import SegmentationAPIError, SegmentationClient
 from segmentation.images import load_image
 from segmentation.limits import Limits
-from segmentation.prompts import parse_prompt
 from segmentation.schemas import Mask, Segment, SegmentationResponse
 from segmentation.settings import Settings
 
@@ -107,17 +106,8 @@ class RemoteBackend:
     def check(self, model: str, picture: Picture, points: list, labels: list, boxes: list | None) -> None:
         """Would the page accept this prompt? The same limits as this process's API (the remote applies its
         own too): objects, points, coordinates, and the work of the remote's maps (at the picture's size)."""
-        prompt = parse_prompt(
-            points,
-            labels,
-            boxes,
-            width=picture.width,
-            height=picture.height,
-            max_objects=self.limits.max_objects,
-            max_points=self.limits.max_points,
-        )
         n = 3 if any(_ambiguous(points, boxes)) else 1
-        self.limits.check_work(len(prompt), n, picture.width, picture.height)
+        self.limits.check_prompt(points, labels, boxes, picture.width, picture.height, candidates=n)
 
     def preview(
         self,
