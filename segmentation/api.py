@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import service
 from .errors import (
@@ -475,6 +476,15 @@ def install_api(
             return await http_exception_handler(request, error)
         kind = "authentication_error" if error.status_code == 401 else "invalid_request_error"
         return error_response(error.status_code, str(error.detail), kind, None, None, getattr(error, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, error: ClientDisconnect):
+        # the body never arrived whole (hung up, a broken chunk, or the guard's read deadline): the caller's
+        # doing, one short line, and nobody is left to read the answer
+        log.info("%s %s: the client left before its body arrived", request.method, request.url.path[:120])
+        return error_response(
+            400, "The request body did not arrive whole.", "invalid_request_error", None, "incomplete_body"
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 SESSION_EXPIRED = "This page's session has expired: reload the page."
 
@@ -35,10 +36,13 @@ async def small_json_object(request: Request, limit: int, what: str) -> dict[str
     if announced.isdigit() and int(announced) > limit:  # refused before a byte of the body is read
         return too_large
     raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            return too_large
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                return too_large
+    except ClientDisconnect:  # hung up, a broken chunk, or the guard's read deadline: nobody reads this
+        return error(400, f"{what} did not arrive whole.", "incomplete_body")
     try:
         body = json.loads(raw or b"{}")
     except (ValueError, RecursionError):  # RecursionError: deeply nested brackets

@@ -102,7 +102,7 @@ def api_segment_function(registry: ModelRegistry) -> Callable[..., dict]:
                 candidates=int(n),
             )
         except (SegmentationError, APIError) as error:
-            raise gr.Error(error.message) from error
+            raise gr.Error(error.message, print_exception=False) from None  # the caller's mistake: no traceback
         return build_response(result).model_dump()
 
     return segment
