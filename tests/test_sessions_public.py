@@ -309,6 +309,7 @@ def test_row9_one_login_guards_the_page_and_every_ui_route_and_the_open_demo_sta
             ("GET", "/config"),
             ("POST", "/gradio_api/queue/join"),
             ("POST", "/gradio_api/call/segment"),
+            ("GET", "/gradio_api/heartbeat/anything"),  # Gradio's one stream without its login check
         ]:
             refused = http.request(method, path, json={"op": "undo"} if method == "POST" else None)
             assert refused.status_code == 401, (path, refused.status_code, refused.text)

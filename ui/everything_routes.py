@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 
 from segmentation.errors import SegmentationError
 from segmentation.everything_options import EverythingOptions, parse_everything
-from segmentation.service import OverloadedError
+from segmentation.service import OverloadedError, give_memory_back
 
 from . import state as st
 from .answers import expired, small_json_object
@@ -142,6 +142,8 @@ class EverythingRoutes:
         except Exception:  # a job must end with a state the page can show
             log.exception("segment everything failed")
             job.state, job.message = "failed", "Finding the objects failed on the server; try again."
+        finally:
+            give_memory_back()  # a run's batches leave freed memory the allocator would otherwise keep
 
     def status(self, entry: Entry) -> dict[str, Any]:
         job = self.jobs.get(entry.session.id)

@@ -17,6 +17,8 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PROTECTED_PREFIX = "/ui/"
+# Gradio's routes without its own login check: its heartbeat stream stays open for as long as the client wants
+UNCHECKED_GRADIO = ("/gradio_api/heartbeat/",)
 
 
 def parse_accounts(spec: str | list[str] | None) -> list[tuple[str, str]]:
@@ -52,7 +54,8 @@ def logged_in_user(gradio_app: Any, cookie_header: str) -> str | None:
 
 
 class PageLogin:
-    """ASGI middleware: with a login configured, a `/ui` request without Gradio's login cookie is a 401,
+    """ASGI middleware: with a login configured, a `/ui` request (or one to Gradio's heartbeat, which Gradio
+    leaves open) without Gradio's login cookie is a 401,
     answered from the headers before any body is read. `gradio_app` is looked up at the first request
     (the Gradio app is mounted after this middleware is added)."""
 
@@ -60,7 +63,7 @@ class PageLogin:
         self.app, self.gradio_app = app, gradio_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and scope["path"].startswith((PROTECTED_PREFIX, *UNCHECKED_GRADIO)):
             gradio_app = self.gradio_app()
             if gradio_app is not None and gradio_app.auth is not None:
                 header = b"; ".join(v for k, v in scope.get("headers") or () if k == b"cookie").decode("latin-1")
