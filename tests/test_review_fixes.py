@@ -174,3 +174,21 @@ def test_tiny_pictures_get_masks_of_their_own_size(served):
             assert answer.status_code == 200, ((width, height), answer.text)
             mask = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
             assert mask.size == (width, height), ((width, height), mask.size)
+
+
+def test_tiny_pictures_on_the_page_take_a_click(served):
+    live, _ = served
+    client = {"X-Forwarded-For": "192.0.2.78"}
+    with httpx.Client(base_url=live.url, timeout=120) as http:
+        sid = http.post("/ui/session", headers=client).json()["session"]
+        try:
+            for width, height in [(1, 1), (2, 3), (64, 1)]:
+                upload = http.post(f"/ui/session/{sid}/picture", content=png(width, height), headers=client)
+                assert upload.status_code == 200, ((width, height), upload.text)
+                clicked = http.post(f"/ui/session/{sid}/op", json={"op": "click", "x": 0, "y": 0})
+                assert clicked.status_code == 200, ((width, height), clicked.text)
+                download = http.get(f"/ui/session/{sid}/download/{clicked.json()['rev']}/mask.png")
+                assert download.status_code == 200, download.text
+                assert Image.open(io.BytesIO(download.content)).size == (width, height)
+        finally:
+            http.delete(f"/ui/session/{sid}")
