@@ -342,7 +342,11 @@ class Segmenter:
 
     def _encode_unlocked(self, rgb: np.ndarray, key: str) -> Embedding:
         start = time.perf_counter()
-        inputs = self.loaded.processor.image_processor(images=rgb, return_tensors="pt")
+        # channels_last said outright: left to guess, the processor takes a picture 3 pixels or fewer high
+        # (1x1, 5x3, 64x1) for channels first and returns a mask of the wrong size
+        inputs = self.loaded.processor.image_processor(
+            images=rgb, return_tensors="pt", input_data_format="channels_last"
+        )
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         preprocess = time.perf_counter() - start
         start = time.perf_counter()

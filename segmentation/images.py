@@ -1,7 +1,8 @@
 """Turning whatever a caller hands us into the upright RGB picture a person sees.
 
 Coordinates refer to that picture, so EXIF orientation is applied before anything else,
-and the pixel limit is checked from the header, before the pixels are decoded.
+and the pixel limit and the shape rule (`limits.check_picture_shape`) are checked from the header,
+before the pixels are decoded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
+from .limits import check_picture_shape
 
 ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndarray
 
@@ -37,6 +39,7 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
             f"the limit is {max_pixels / 1e6:g} megapixels. Scale it down and try again.",
             param="image",
         )
+    check_picture_shape(width, height)
 
 
 def _open(source: bytes | str | Path) -> Image.Image:

@@ -8,7 +8,8 @@ else that calls `service.segment` pass through these checks, and the ASGI guard
   longer than `body_timeout` seconds and whole within `body_deadline` seconds;
 * its picture's file: `max_picture_bytes`, the same for the API's base64 and the page's upload (the
   most a base64 body under the cap can carry, so a picture the page opens the API opens too);
-* its picture: `max_pixels`, read from the header before anything is decoded;
+* its picture: `max_pixels`, read from the header before anything is decoded, and its shape
+  (`check_picture_shape`: at most `MAX_ASPECT` times as long as it is wide, so the model sees it);
 * its prompt: `max_objects` objects of at most `max_points` points, `max_candidates` label maps;
 * its output: `size` within `max_pixels`;
 * its work: objects × candidates × megapixels of the picture (the label maps are composed at the
@@ -26,7 +27,7 @@ from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ImageTooLargeError, InvalidPromptError, RequestLimitError
+from .errors import ImageTooLargeError, InvalidImageError, InvalidPromptError, RequestLimitError
 from .prompts import Prompt, parse_prompt
 
 MiB = 1024 * 1024
@@ -39,6 +40,26 @@ USER_LOG_CHARS = 64  # and the log shows at most this much of it, escaped
 # |x|, |y| in the wire schema: far beyond any picture side, and small enough that no coordinate
 # overflows a float (a 401-digit integer is a 422, not a 500).
 MAX_COORDINATE = 2**31
+# The model scales a picture's long side to MODEL_SIDE pixels and reads it in PATCH-pixel squares; a short
+# side that keeps less than one patch is (nearly) nothing to the model, and below half a pixel the image
+# processor fails outright (a 40000000x1 picture was a 500). So the long side is at most MAX_ASPECT times
+# the short one: a 64x1 picture becomes 1024x16, one row of patches. (A tiny square picture, 1x1, is fine.)
+MODEL_SIDE = 1024
+PATCH = 16
+MAX_ASPECT = MODEL_SIDE // PATCH
+
+
+def check_picture_shape(width: int, height: int) -> None:
+    """One rule for a picture's shape from every way in, read from the header before decoding
+    (`segmentation.images` calls it wherever it checks the pixel limit)."""
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise InvalidImageError(
+            f"The picture is {width}×{height}: too thin for the model (it scales the long side to {MODEL_SIDE} "
+            f"pixels, and the short side must keep at least {PATCH} of them, so the long side may be at most "
+            f"{MAX_ASPECT} times the short one). Crop it or add a border and try again.",
+            param="image",
+            code="picture_too_thin",
+        )
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def test_row1_the_forwarded_address_counts_only_from_named_proxies():
     assert proxies.of(scope("10.1.2.3", "6.6.6.6, 1.2.3.4, 10.9.9.9")) == "1.2.3.4"  # a forged left hop is never read
     assert proxies.of(scope("8.8.8.8", "1.2.3.4")) == "8.8.8.8"  # not a named proxy: its header means nothing
     assert proxies.of(scope("10.1.2.3", "garbage")) == "10.1.2.3"
-    assert proxies.of(scope("10.1.2.3", "[2001:db8::1]:443")) == "2001:db8::1"
+    assert proxies.of(scope("10.1.2.3", "[2001:db8::1]:443")) == "2001:db8::/64"  # IPv6: its /64
     with pytest.raises(ValueError):
         ClientIdentity("not-an-address")
 
