@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
+from segmentation.clients import parse_proxies
 from segmentation.errors import SegmentationError
 from segmentation.guard import RequestGuard
 from segmentation.limits import Limits
 from segmentation.settings import Settings
-from ui.clients import parse_proxies
 from ui.login import parse_accounts
 from ui.page import mount_page
 from ui.routes import ASSETS, example_pictures  # noqa: F401  (ASSETS: tests and deployments name it)

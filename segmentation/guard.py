@@ -10,6 +10,12 @@
   body not whole after `body_deadline` seconds, is a 408 and the connection is closed. A client that
   never sends its last byte holds its connection for seconds, not for good; what the route had
   buffered is freed and handed back to the system (`malloc_trim`) when it is refused.
+* Body bytes in flight are bounded per client (`segmentation.clients`: the peer address, or the forwarded one
+  from a proxy the operator named: `per_client_bodies`, twice
+  the body cap by default) and for all clients together (`bodies_bytes`, `SAMHQ_BODIES_MB`): a chunk that
+  would pass either is a 429 (the client's) or a 503 (everybody's) and the connection is closed, read no
+  further. A request's bytes count from their arrival until its answer is sent or its client is gone, on
+  every route (an upload the page streams to disk too): unfinished bodies can't pile up in memory.
 * Every early answer closes the connection (`Connection: close`): the server never drains an unread
   body (uvicorn would otherwise read and discard it, past the cap, to reuse the connection).
 
@@ -25,6 +31,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .clients import ClientIdentity
 from .limits import Limits
 
 KEYED_PREFIXES = ("/v1/", "/authentication/", "/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")
@@ -56,9 +63,22 @@ def key_is_valid(authorization: bytes, keys: list[bytes]) -> bool:
 class RequestGuard:
     """See the module docstring. `install_api` puts it outermost, so it wraps the mounted Gradio app too."""
 
-    def __init__(self, app: ASGIApp, limits: Limits, api_keys: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: Limits,
+        api_keys: tuple[str, ...] = (),
+        bodies_bytes: int | None = None,
+        per_client_bodies: int | None = None,
+        clients: ClientIdentity | None = None,
+    ):
         self.app, self.limits = app, limits
+        self.clients = clients or ClientIdentity.from_env()  # behind a named proxy, the forwarded client
         self.keys = [key.encode() for key in api_keys]
+        self.bodies_bytes = limits.bodies_bytes if bodies_bytes is None else bodies_bytes
+        self.per_client_bodies = 2 * limits.max_body_bytes if per_client_bodies is None else per_client_bodies
+        self.in_flight = 0  # body bytes of requests not yet ended, all clients (one event loop: no lock)
+        self.by_client: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,6 +113,21 @@ class RequestGuard:
             return
         received = 0
         started = refused = False
+        peer = self.clients.of(scope)
+        too_many = _error(
+            429,
+            "Too many request bodies are arriving from your address at once: wait for one to finish.",
+            "rate_limit_exceeded",
+            "too_many_bodies",
+            {"Connection": "close"},
+        )
+        server_full = _error(
+            503,
+            "The server is receiving as many request bodies as it can right now: try again in a moment.",
+            "server_error",
+            "server_busy",
+            {"Connection": "close"},
+        )
         # a request with no body is whole from the start (the app may never read it)
         whole = length in (None, b"0") and b"transfer-encoding" not in headers
         loop = asyncio.get_running_loop()
@@ -123,7 +158,20 @@ class RequestGuard:
             if message["type"] == "http.disconnect":
                 refused = True  # the client left mid-body: nothing more comes, and its memory goes back
             elif message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                refusal = None
+                if self.by_client.get(peer, 0) + size > self.per_client_bodies:
+                    refusal = too_many
+                elif self.in_flight + size > self.bodies_bytes:
+                    refusal = server_full
+                if refusal is not None:
+                    refused = True
+                    if not started:
+                        await refusal(send)
+                    return {"type": "http.disconnect"}
+                received += size
+                self.in_flight += size
+                self.by_client[peer] = self.by_client.get(peer, 0) + size
                 whole = not message.get("more_body", False)
                 if received > cap:
                     refused = True
@@ -146,6 +194,12 @@ class RequestGuard:
         try:
             await self.app(scope, counting_receive, guarded_send)
         finally:
+            self.in_flight -= received
+            left = self.by_client.get(peer, 0) - received
+            if left > 0:
+                self.by_client[peer] = left
+            else:
+                self.by_client.pop(peer, None)
             if refused:
                 await _give_memory_back()
 

@@ -73,6 +73,7 @@ class Limits:
     max_user_chars: int = MAX_USER_CHARS
     body_timeout: float = 20.0
     body_deadline: float = 120.0
+    bodies_bytes: int = 512 * MiB  # request body bytes in flight for all clients together (the guard's bound)
 
     @property
     def max_picture_bytes(self) -> int:
@@ -89,6 +90,7 @@ class Limits:
             max_body_bytes=settings.max_body_mb * MiB,
             body_timeout=settings.body_timeout,
             body_deadline=settings.body_deadline,
+            bodies_bytes=settings.bodies_mb * MiB,
         )
 
     # ---- the parts of a request ------------------------------------------------------------

@@ -54,6 +54,7 @@ class Settings:
     max_body_mb: int = 32  # SAMHQ_MAX_BODY_MB: HTTP request body, every route (Gradio's included)
     body_timeout: float = 20.0  # SAMHQ_BODY_TIMEOUT: seconds a request body may go without a byte, then 408
     body_deadline: float = 120.0  # SAMHQ_BODY_DEADLINE: seconds a whole request body may take, then 408
+    bodies_mb: int = 512  # SAMHQ_BODIES_MB: request body bytes in flight for all clients together, then 503
     max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
@@ -85,6 +86,7 @@ class Settings:
             max_body_mb=_env_int("SAMHQ_MAX_BODY_MB", 32),
             body_timeout=_env_float("SAMHQ_BODY_TIMEOUT", 20.0),
             body_deadline=_env_float("SAMHQ_BODY_DEADLINE", 120.0),
+            bodies_mb=_env_int("SAMHQ_BODIES_MB", 512),
             max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
             preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),

@@ -15,11 +15,11 @@ from live_server import LiveServer
 from PIL import Image
 
 import app
+from segmentation.clients import ClientIdentity, client_key
 from segmentation.errors import InvalidImageError
 from segmentation.images import load_image, upright_size
 from segmentation.limits import MAX_ASPECT, check_picture_shape
 from segmentation.settings import Settings
-from ui.clients import ClientIdentity, client_key
 
 URL = "/v1/images/segmentations"
 

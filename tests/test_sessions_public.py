@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
+import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +18,8 @@ from live_server import LiveServer
 from PIL import Image
 
 import app
+from segmentation.clients import ClientIdentity
 from segmentation.settings import Settings
-from ui.clients import ClientIdentity
 from ui.routes import WAITING_PER_SESSION
 from ui.sessions import SessionStore, StoreRefusal
 
@@ -232,8 +232,6 @@ def test_row6_every_session_folder_goes_at_shutdown_and_stale_runs_at_start(tmp_
     (tmp_path / "run-crashed.lock").touch()
     alive = SessionStore(root=tmp_path)  # another live process's run: its lock is held
     try:
-        for folder in (stale, alive.root):
-            os.utime(folder, (time.time() - 3600, time.time() - 3600))
         monkeypatch.setenv("SAMHQ_UI_SESSIONS_DIR", str(tmp_path))
         application = build()
         assert not stale.exists() and alive.root.exists(), "only the run of a process that is gone is removed"
@@ -246,6 +244,111 @@ def test_row6_every_session_folder_goes_at_shutdown_and_stale_runs_at_start(tmp_
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.root.name, alive.root.name + ".lock"])
     finally:
         alive.close()
+
+
+def test_row6_a_dead_process_run_folder_is_removed_at_the_next_start_even_when_just_made(tmp_path):
+    """A process killed a moment after it started: its lock file is there but nobody holds it, and its folder
+    (with a visitor's picture) is seconds old. The next start removes it; a live store's folder stays."""
+    dead = tmp_path / "run-killed"
+    (dead / "abc").mkdir(parents=True)
+    (dead / "abc" / "upload-1").write_bytes(b"a visitor's picture")
+    (tmp_path / "run-killed.lock").touch()
+    (tmp_path / "run-nofolder.lock").touch()  # killed between its lock and its folder
+    (tmp_path / "run-nolock").mkdir()  # a folder whose lock is gone
+    alive = SessionStore(root=tmp_path)
+    try:
+        assert alive.root.exists() and _lock(alive.root).exists(), "the lock file is made with the folder"
+        restarted = SessionStore(root=tmp_path)
+        try:
+            assert not dead.exists() and not (tmp_path / "run-killed.lock").exists()
+            assert not (tmp_path / "run-nolock").exists() and not (tmp_path / "run-nofolder.lock").exists()
+            assert alive.root.exists() and _lock(alive.root).exists(), "a live store's run is never removed"
+            names = sorted(p.name for p in tmp_path.iterdir())
+            assert names == sorted(r.name + s for r in (alive.root, restarted.root) for s in ("", ".lock"))
+        finally:
+            restarted.close()
+    finally:
+        alive.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _lock(run):
+    return run.with_name(run.name + ".lock")
+
+
+def unfinished_upload(live, sid: str, length: int, sent: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+    head = f"POST /ui/session/{sid}/picture HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    sock.sendall(head.encode() + b"\0" * sent)
+    return sock
+
+
+def wait_for(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_row6_a_second_upload_to_a_session_while_one_is_arriving_is_429_at_once(served):
+    live, application = served
+    store = application.state.page.store
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        sid = open_session(http, VISITOR)
+        entry = store.get(sid)
+        first = unfinished_upload(live, sid, 2 * MiB, MiB)
+        try:
+            assert wait_for(lambda: entry.receiving >= MiB), "the first upload's bytes are reserved as they arrive"
+            second = http.post(f"/ui/session/{sid}/picture", content=png_bytes(seed=63))
+            assert second.status_code == 429 and second.json()["error"]["code"] == "busy", second.text
+            assert second.headers.get("connection") == "close", "refused before its body is read, never drained"
+        finally:
+            first.close()
+        assert wait_for(lambda: not entry.uploading and not entry.receiving), "the reservation ends with the upload"
+        assert not list(entry.folder.glob("incoming-*"))
+        loaded = http.post(f"/ui/session/{sid}/picture", content=png_bytes(seed=63))
+        assert loaded.status_code == 200, loaded.text
+        http.delete(f"/ui/session/{sid}")
+
+
+def test_row6_uploads_still_arriving_count_against_the_disk_budget(served):
+    """Four unfinished 1 MiB uploads (four sessions) against room for 3.5 MiB: one is refused (503
+    disk_full, connection closed) as its bytes pass the budget, and the bytes on disk never do."""
+    live, application = served
+    store = application.state.page.store
+    budget = store.disk_bytes
+    store.disk_bytes = store.disk + 3 * MiB + MiB // 2
+    addresses = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"]
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            sids = [open_session(http, address) for address in addresses]
+            entries = [store.get(sid) for sid in sids]
+            sockets = [unfinished_upload(live, sid, MiB + 1, MiB) for sid in sids]
+            try:
+                refused, over = [], 0
+                deadline = time.monotonic() + 15
+                while not refused and time.monotonic() < deadline:
+                    on_disk = sum(p.stat().st_size for e in entries for p in e.folder.glob("incoming-*"))
+                    over = max(over, on_disk + sum(e.disk for e in store._entries.values()) - store.disk_bytes)
+                    ready, _, _ = select.select(sockets, [], [], 0.01)
+                    refused = [sockets.index(sock) for sock in ready]
+                assert len(refused) == 1, "one upload is refused as its bytes pass the budget"
+                answer = sockets[refused[0]].recv(65536)
+                assert answer.startswith(b"HTTP/1.1 503") and b"disk_full" in answer, answer[:300]
+                assert b"connection: close" in answer.lower()
+                assert over <= 64 * 1024, f"{over} bytes on disk past the budget"
+                assert store.disk <= store.disk_bytes
+                assert not list(entries[refused[0]].folder.glob("incoming-*")), "the refused upload's file goes"
+            finally:
+                for sock in sockets:
+                    sock.close()
+            assert wait_for(lambda: not any(e.receiving or e.uploading for e in entries))
+            for sid in sids:
+                http.delete(f"/ui/session/{sid}")
+    finally:
+        store.disk_bytes = budget
 
 
 # ---- row 7: no 5xx and no log flood for what a caller sent -------------------------------------------------------

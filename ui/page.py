@@ -14,6 +14,7 @@ import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from segmentation.clients import ClientIdentity
 from segmentation.errors import SegmentationError
 from segmentation.limits import Limits
 from segmentation.models import CATALOG
@@ -21,7 +22,6 @@ from segmentation.schemas import build_response
 from segmentation.settings import Settings
 
 from . import gradio_errors, login
-from .clients import ClientIdentity
 from .guard import guard_file_inputs
 from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
@@ -172,7 +172,7 @@ def mount_page(
         # the snippet names the API: with a remote backend, that server (this one serves the page only)
         public_url=os.environ.get("SAMHQ_PUBLIC_URL") or getattr(backend, "url", None),
     )
-    install_page_routes(app, routes, ClientIdentity(os.environ.get("SAMHQ_TRUSTED_PROXIES", "")))
+    install_page_routes(app, routes, ClientIdentity.from_env())
     app.add_middleware(NoGradioUploads)
     accounts = login.accounts_from_env()
     app.add_middleware(login.PageLogin, gradio_app=lambda: _gradio_app(app))

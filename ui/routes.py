@@ -33,6 +33,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from segmentation import export
+from segmentation.clients import ClientIdentity
 from segmentation.errors import ModelUnavailableError, SegmentationError
 from segmentation.images import load_rgb
 from segmentation.limits import MAX_COORDINATE, Limits
@@ -43,7 +44,6 @@ from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, 
 from . import pictures
 from . import state as st
 from .answers import error, expired, small_json_object
-from .clients import ClientIdentity
 from .everything_routes import install_everything_routes
 from .logs import redact_access_log
 from .remote import BackendError, RemoteBackend
@@ -474,10 +474,12 @@ def _safe_name(name: str) -> str:
     return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
 
 
-async def _receive_upload(request: Request, folder: Path, cap: int) -> Path | Response:
+async def _receive_upload(request: Request, store: SessionStore, entry: Entry, cap: int) -> Path | Response:
     """The upload's body streamed into a new file in the session folder, chunk by chunk: a slow or
-    unfinished upload holds a file handle, not memory (the guard's read deadline ends it)."""
-    path = folder / f"incoming-{time.monotonic_ns()}"
+    unfinished upload holds a file handle, not memory (the guard's read deadline ends it). Each chunk is
+    reserved against the disk budget before it is written (`store.reserve`): past it, a 503 and no more is
+    read (the guard closes the connection). The caller releases the reservation when the upload ends."""
+    path = entry.folder / f"incoming-{time.monotonic_ns()}"
     size = 0
     try:
         with open(path, "wb") as file:
@@ -485,7 +487,11 @@ async def _receive_upload(request: Request, folder: Path, cap: int) -> Path | Re
                 size += len(chunk)
                 if size > cap:
                     raise _TooLarge
+                store.reserve(entry, len(chunk))
                 file.write(chunk)
+    except StoreRefusal as refusal:
+        path.unlink(missing_ok=True)
+        return error(refusal.status, refusal.message, refusal.code)
     except _TooLarge:
         path.unlink(missing_ok=True)
         return error(413, f"The file is larger than the {cap / 2**20:.1f} MB limit for a picture.", "file_too_large")
@@ -588,19 +594,28 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
                 return error(
                     413, f"The file is larger than the {cap / 2**20:.1f} MB limit for a picture.", "file_too_large"
                 )
-            upload = await _receive_upload(request, entry.folder, cap)
-            if isinstance(upload, Response):
-                return upload
-        name = unquote(request.headers.get("x-filename", "picture.jpg"))
+            if entry.uploading:  # one upload at a time per session, refused before its body is read
+                return error(429, "A picture is already being uploaded to this page: wait for it to finish.", "busy")
+            entry.uploading = True
+        try:
+            if index is None:
+                upload = await _receive_upload(request, store, entry, cap)
+                if isinstance(upload, Response):
+                    return upload
+            name = unquote(request.headers.get("x-filename", "picture.jpg"))
 
-        def load(entry: Entry) -> Response:
-            store.make_room(entry, upload.stat().st_size if upload is not None else 0)  # all sessions' disk budget
-            return JSONResponse(routes.load_picture(entry, upload, name, index))
+            def load(entry: Entry) -> Response:
+                store.make_room(entry, upload.stat().st_size if upload is not None else 0)  # all sessions' budget
+                return JSONResponse(routes.load_picture(entry, upload, name, index))
 
-        response = await guarded(sid, load, request)
-        if upload is not None:
-            upload.unlink(missing_ok=True)  # kept (renamed) when it became the picture; else gone
-        return response
+            response = await guarded(sid, load, request)
+            if upload is not None:
+                upload.unlink(missing_ok=True)  # kept (renamed) when it became the picture; else gone
+            return response
+        finally:
+            if index is None:
+                entry.uploading = False
+                store.release(entry)  # its file, if kept, was counted by `measure`
 
     @router.post("/session/{sid}/op")
     async def op(sid: str, request: Request) -> Response:

@@ -10,18 +10,20 @@ empty the page (issue 21):
 * in total: at most `capacity` sessions. Past it, the least recently used session goes only if it has been
   idle for `recent` seconds; otherwise the open is refused (503): someone active is never evicted.
 * on disk: all folders together within `disk_bytes`. A picture that does not fit makes room from idle
-  sessions the same way, or is refused (503).
+  sessions the same way, or is refused (503). An upload still arriving counts too: its bytes are reserved
+  chunk by chunk as they come (`reserve`), and a session receives one upload at a time (`uploading`).
 * in time: idle for `ttl` seconds, a session goes with its folder.
 
 Folders live under one run folder per process (`<root>/run-*`, with a lock file `run-*.lock` beside it
-held for the process's life): at start, the run folders of processes that are gone (killed, crashed) are removed; at shutdown
-(`close`), this run's folder goes.
+held for the process's life, taken BEFORE the folder is made): at start, the run folders of processes that are
+gone (killed, crashed) are removed, whatever their age; at shutdown (`close`), this run's folder goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import secrets
 import shutil
 import tempfile
@@ -54,6 +56,8 @@ class Entry:
     pending: int = 0  # requests of this session running or waiting for their turn
     touched: float = field(default_factory=time.monotonic)
     disk: int = 0  # bytes in its folder when last measured
+    receiving: int = 0  # bytes of an upload still arriving, reserved against the disk budget
+    uploading: bool = False  # an upload is in flight (one at a time per session)
 
 
 class SessionStore:
@@ -74,9 +78,7 @@ class SessionStore:
         parent = Path(root) if root else DEFAULT_ROOT
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_runs(parent)
-        self.root = Path(tempfile.mkdtemp(prefix="run-", dir=parent))
-        self._run_lock = open(_lock_of(self.root), "w")  # noqa: SIM115  (held for the process's life)
-        fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.root, self._run_lock = _new_run(parent)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -134,22 +136,50 @@ class SessionStore:
         dropped = []
         try:
             with self._lock:
-                others = sum(e.disk for e in self._entries.values() if e is not entry)
-                while others + incoming > self.disk_bytes:
-                    idle = next(
-                        (e for e in self._entries.values() if e is not entry and now - e.touched > self.recent), None
-                    )
-                    if idle is None:
-                        raise StoreRefusal(
-                            503,
-                            "The server's space for pictures is taken by other visitors right now: try again in a "
-                            "few minutes, or with a smaller picture.",
-                            "disk_full",
-                        )
-                    dropped.append(self._entries.pop(idle.session.id))
-                    others -= idle.disk
+                others = sum(e.disk + e.receiving for e in self._entries.values() if e is not entry)
+                self._fit_locked(entry, others + incoming, now, dropped)
         finally:
             self._remove(dropped)
+
+    def reserve(self, entry: Entry, incoming: int) -> None:
+        """`incoming` more bytes of `entry`'s upload are about to be written: counted against the disk budget
+        now (with the session's own folder, which stays until the new picture replaces it), making room from
+        idle sessions as `make_room` does, or StoreRefusal 503. `release` ends the reservation."""
+        now = time.monotonic()
+        dropped = []
+        try:
+            with self._lock:
+                total = sum(e.disk + e.receiving for e in self._entries.values()) + incoming
+                self._fit_locked(entry, total, now, dropped)
+                entry.receiving += incoming
+        finally:
+            self._remove(dropped)
+
+    def release(self, entry: Entry) -> None:
+        """The upload ended: its file (if kept) is counted by `measure` from now on."""
+        with self._lock:
+            entry.receiving = 0
+
+    def _fit_locked(self, entry: Entry, total: int, now: float, dropped: list[Entry]) -> None:
+        """Evict idle sessions (never `entry`, never one receiving an upload) until `total` fits, or refuse."""
+        while total > self.disk_bytes:
+            idle = next(
+                (
+                    e
+                    for e in self._entries.values()
+                    if e is not entry and not e.receiving and now - e.touched > self.recent
+                ),
+                None,
+            )
+            if idle is None:
+                raise StoreRefusal(
+                    503,
+                    "The server's space for pictures is taken by other visitors right now: try again in a "
+                    "few minutes, or with a smaller picture.",
+                    "disk_full",
+                )
+            dropped.append(self._entries.pop(idle.session.id))
+            total -= idle.disk
 
     def measure(self, entry: Entry) -> int:
         """Bytes now in the session's folder (its upload, preview and downloads)."""
@@ -164,7 +194,7 @@ class SessionStore:
 
     @property
     def disk(self) -> int:
-        return sum(entry.disk for entry in list(self._entries.values()))
+        return sum(entry.disk + entry.receiving for entry in list(self._entries.values()))
 
     def drop(self, sid: str) -> None:
         with self._lock:
@@ -205,25 +235,61 @@ class SessionStore:
 
 
 def remove_stale_runs(parent: Path) -> list[Path]:
-    """Remove the run folders under `parent` whose process is gone (their lock file is not held). A folder
-    younger than a minute is left alone: its process may not have taken its lock yet."""
+    """Remove the run folders under `parent` whose process is gone: their lock file is missing or not held.
+    A live process takes its lock before it makes its folder (`_new_run`), so no age rule is needed."""
     removed = []
     for run in parent.glob("run-*"):
-        if not run.is_dir():
+        if run.suffix == ".lock":
+            if not run.with_suffix("").exists():  # a process that died between its lock and its folder
+                _remove_if_free(run, None)
+            continue
+        if run.is_dir() and _remove_if_free(_lock_of(run), run):
+            removed.append(run)
+    return removed
+
+
+def _remove_if_free(lock: Path, run: Path | None) -> bool:
+    """Remove `run` and its `lock` unless a live process holds the lock; the lock is held while removing."""
+    try:
+        handle = open(lock, "r+")  # noqa: SIM115
+    except FileNotFoundError:
+        handle = None  # no lock at all: not a live run's folder
+    try:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live process: OSError
+    except OSError:
+        handle.close()
+        return False
+    try:
+        if run is not None:
+            shutil.rmtree(run, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    finally:
+        if handle is not None:
+            handle.close()
+    return True
+
+
+def _new_run(parent: Path):
+    """A new run folder and its lock, held: the lock file is made and locked FIRST, then the folder, so a
+    folder without a held lock is always a dead process's. A lock removed by another start's cleanup between
+    our open and our flock (another file now, or none) is given up and a new name tried."""
+    while True:
+        name = f"run-{secrets.token_hex(6)}"
+        lock = parent / f"{name}.lock"
+        try:
+            handle = open(lock, "x")  # noqa: SIM115  (held for the process's life)
+        except FileExistsError:
             continue
         try:
-            if time.time() - run.stat().st_mtime < 60:
-                continue
-            with open(_lock_of(run), "r+") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live process: OSError
-        except FileNotFoundError:
-            pass  # no lock at all: not a live run's folder
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise FileNotFoundError(lock)
+            (parent / name).mkdir()
         except OSError:
+            handle.close()
             continue
-        shutil.rmtree(run, ignore_errors=True)
-        _lock_of(run).unlink(missing_ok=True)
-        removed.append(run)
-    return removed
+        return parent / name, handle
 
 
 def _lock_of(run: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Who is asking: the client a page session belongs to, for per-client shares.
+"""Who is asking: the client behind a request, for per-client shares (page sessions, bodies in flight).
 
 The client is the peer address of the connection. Behind a reverse proxy every peer is the proxy, so
 the operator names the proxies (`SAMHQ_TRUSTED_PROXIES`: addresses or networks, comma-separated); only
@@ -16,6 +16,7 @@ address is the client.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,6 +39,11 @@ def parse_proxies(spec: str | Iterable[str]) -> tuple[Network, ...]:
 class ClientIdentity:
     def __init__(self, trusted_proxies: str | Iterable[str] = ()):
         self.proxies = parse_proxies(trusted_proxies)
+
+    @classmethod
+    def from_env(cls) -> ClientIdentity:
+        """The proxies the operator named (`SAMHQ_TRUSTED_PROXIES`, or `app.py --trusted-proxies`)."""
+        return cls(os.environ.get("SAMHQ_TRUSTED_PROXIES", ""))
 
     def trusted(self, host: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         address = host if isinstance(host, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else _address(host)
