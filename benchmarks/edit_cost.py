@@ -12,34 +12,19 @@ to a one-object session and undoes it. Medians and ratios go to stdout and bench
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-_HF_HOME = tempfile.mkdtemp(prefix="samhq-bench-hf-")
-os.environ["HF_HOME"] = _HF_HOME
-os.environ["HF_HUB_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # live_server
 
-MODEL_ID = "syscv-community/sam-hq-vit-base"
+# bench sets HF_HOME (a temporary cache) and offline mode before transformers is imported
+from benchmarks.bench import _HF_HOME, MODEL_ID, ROOT, load_picture  # noqa: E402
+
 OBJECTS = 16
-
-
-def picture_bytes() -> bytes:
-    from PIL import Image
-
-    photo = ROOT / "assets" / "coffee.jpg"
-    image = Image.open(photo).convert("RGB").resize((1500, 1000))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def timed(http, sid: str, **body) -> tuple[float, dict]:
@@ -74,7 +59,7 @@ def main() -> None:
     install_in_hf_cache(Path(_HF_HOME), MODEL_ID, "sam_hq", args.shape, seed=0, logit_gain=10000.0)
     application = app.build_app(Settings(model=MODEL_ID, preload_examples=False, device="cpu"))
     application.state.registry.get()
-    picture = picture_bytes()
+    picture = load_picture(None)  # bench.py's 1500x1000 photo
     one, edit, noop = [], [], []
     with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=600) as http:
         single = session(http, picture)
