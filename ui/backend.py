@@ -218,7 +218,7 @@ class LocalBackend:
         if active is not None and parts[active].count > 1:
             thumbnails = self._thumbnails(embedding, keys[active], parts[active], (width, height), request)
         timings = {**timings, "page": time.perf_counter() - start}
-        return Preview(label_map, objects, thumbnails, None, fresh == 0, timings, fresh)
+        return Preview(label_map, objects, thumbnails, fresh == 0, timings, fresh)
 
     def _parts(
         self, segmenter: Segmenter, embedding: Embedding, prompt: Prompt, hq: bool, request: int

@@ -150,7 +150,7 @@ class RemoteBackend:
                 (_thumbnail(labels == active + 1, size), float(segments[active].score)) for labels, segments in maps
             )
         timings = {"page": time.perf_counter() - start}
-        return Preview(label_map, objects, thumbnails, None, False, timings)
+        return Preview(label_map, objects, thumbnails, False, timings)
 
     def full(
         self,

@@ -28,7 +28,6 @@ class Preview:
     labels: np.ndarray  # (preview height, preview width), values 1..n in prompt order
     objects: tuple[PreviewObject, ...]
     thumbnails: tuple[tuple[np.ndarray, float], ...]  # the active one-point object's candidates (mask, score)
-    decoded: Any  # opaque to the page (None: the backends keep what they reuse themselves)
     reused: bool  # no object had to be decoded for it
     timings: dict[str, float] = field(default_factory=dict)
     decoded_objects: int = 0  # objects this call ran through the decoder (the others came from the cache)
