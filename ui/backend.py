@@ -160,6 +160,13 @@ class LocalBackend:
                 return cached, True
         return segmenter.embed_with_info(picture.source)
 
+    def is_embedded(self, model: str, key: str) -> bool:
+        """Whether the embedding under `key` is still cached (no hashing, no encode): the strip's "ready"."""
+        try:
+            return self.segmenter(model).cached(key) is not None
+        except SegmentationError:
+            return False
+
     def check(self, model: str, picture: Picture, points: list, labels: list, boxes: list | None) -> None:
         """Would the page accept this prompt? The API's object and point limits, coordinates inside the
         picture and the work limit for a map at preview size, checked from the picture's size alone (no

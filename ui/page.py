@@ -26,6 +26,7 @@ from .guard import guard_file_inputs
 from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
 from .sessions import SessionStore
+from .workflow import WorkflowOptions
 
 if TYPE_CHECKING:
     from segmentation.service import ModelRegistry
@@ -76,6 +77,9 @@ def page_options() -> dict[str, float]:
         "session_ttl": _env_number("SAMHQ_UI_SESSION_TTL", 3600),
         "disk_mb": _env_number("SAMHQ_UI_DISK_MB", 2048),
         "cache_age": int(_env_number("SAMHQ_UI_CACHE_AGE", 3600)),
+        "pictures_per_session": int(_env_number("SAMHQ_UI_PICTURES_PER_SESSION", 500)),
+        "export_mb": _env_number("SAMHQ_UI_EXPORT_MB", 1024),
+        "export_seconds": _env_number("SAMHQ_UI_EXPORT_SECONDS", 300),
     }
 
 
@@ -171,6 +175,11 @@ def mount_page(
         max_body_bytes=settings.max_body_mb * 2**20,
         # the snippet names the API: with a remote backend, that server (this one serves the page only)
         public_url=os.environ.get("SAMHQ_PUBLIC_URL") or getattr(backend, "url", None),
+        options=WorkflowOptions(
+            pictures_per_session=max(1, int(options["pictures_per_session"])),
+            export_bytes=int(options["export_mb"] * 2**20),
+            export_seconds=float(options["export_seconds"]),
+        ),
     )
     install_page_routes(app, routes, ClientIdentity.from_env())
     app.add_middleware(NoGradioUploads)

@@ -41,14 +41,16 @@ from segmentation.masks import encode_png
 from segmentation.schemas import build_response
 from segmentation.service import AdmissionGate, OverloadedError, SegmentResult, give_memory_back
 
-from . import pictures
+from . import pictures, workflow
 from . import state as st
 from .answers import error, expired, small_json_object
 from .everything_routes import install_everything_routes
 from .logs import redact_access_log
+from .prefetch import Prefetcher
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore, StoreRefusal
 from .types import Preview
+from .workflow_routes import install_workflow_routes
 
 if TYPE_CHECKING:  # the engine's backend: imported only by a process that runs the models (ui.page)
     from .backend import LocalBackend
@@ -95,15 +97,18 @@ class PageRoutes:
         store: SessionStore,
         max_body_bytes: int,
         public_url: str | None = None,
+        options: workflow.WorkflowOptions | None = None,
     ):
         self.backend = backend
         self.store = store
         self.max_body_bytes = max_body_bytes
+        self.options = options or workflow.WorkflowOptions()
         self.limits = Limits.from_settings(backend.settings)  # the API's picture-file rule, the same number
         self.public_url = public_url
         # like the API's: a bounded number of page requests use the model at once, the rest wait, and
         # past `max_waiting` the page answers "busy" at once instead of piling up threads
         self.gate = AdmissionGate(max_concurrent=2, max_waiting=backend.settings.max_queue)
+        self.prefetcher = Prefetcher(backend, self.gate, lambda sid: sid in store)
 
     # ---- views --------------------------------------------------------------------------
 
@@ -118,6 +123,7 @@ class PageRoutes:
             "palette": [pictures.hex_color(v) for v in range(1, len(pictures.PALETTE) + 1)],
             "examples": [{"index": i, "name": p.stem} for i, p in enumerate(example_pictures())],
             "max_mb": round(self.limits.max_picture_bytes / 2**20, 1),
+            "max_pictures": self.options.pictures_per_session,
         }
 
     def view(self, entry: Entry, preview: Preview | None = None, status: str = "") -> dict[str, Any]:
@@ -141,6 +147,7 @@ class PageRoutes:
                     "candidate": result.candidate if result else None,
                     "candidates": result.candidates if result else None,
                     "can_redo": bool(obj.redo),
+                    "category": obj.category,
                 }
             )
         picture = session.picture
@@ -163,6 +170,8 @@ class PageRoutes:
                 "embedded": picture.key is not None,
             },
             "status": status,
+            "album": {"count": len(session.album), "current": session.current},
+            "categories": _categories(session),
         }
 
     # ---- the segmentation of a session ----------------------------------------------------
@@ -210,7 +219,7 @@ class PageRoutes:
         prompt must pass the limits (objects, points, coordinates, work) and then render; only then is it
         stored. A refused edit leaves the session as it was, as the browser, which drops it, assumes."""
         session = entry.session
-        draft = copy.deepcopy(session)
+        draft = _draft(session)
         op = _edit(draft, body, self.backend.models)
         prompted = draft.prompted()
         if draft.picture is not None and prompted:
@@ -232,12 +241,20 @@ class PageRoutes:
 
     # ---- pictures -------------------------------------------------------------------------
 
-    def load_picture(self, entry: Entry, upload: Path | None, name: str, example: int | None) -> dict[str, Any]:
+    def load_picture(
+        self, entry: Entry, upload: Path | None, name: str, example: int | None, add: bool = False, show: bool = True
+    ) -> dict[str, Any]:
         """Decode through the API's limits, keep the file in the session folder, write the preview.
 
         `upload`: the file the route streamed the body into (in the session folder); it becomes the
-        session's picture, or is removed if it is not one."""
+        session's picture, or is removed if it is not one. `add`: another picture of the session (at the end
+        of the strip, shown when `show`), else it replaces the picture on screen (with its objects)."""
         session = entry.session
+        if add and len(session.album) >= self.options.pictures_per_session:
+            if upload is not None:
+                upload.unlink(missing_ok=True)
+            raise TooManyPictures(self.options.pictures_per_session)
+        slot_id = session.next_slot
         examples = example_pictures()
         if example is not None:
             if not 0 <= example < len(examples):
@@ -252,22 +269,65 @@ class PageRoutes:
             except BaseException:
                 upload.unlink(missing_ok=True)
                 raise
-            for old in entry.folder.glob("upload-*"):
-                old.unlink(missing_ok=True)
-            path = entry.folder / f"upload-{time.monotonic_ns()}"
+            path = entry.folder / f"upload-{slot_id}-{time.monotonic_ns()}"
             upload.rename(path)
             source = str(path)
         height, width = rgb.shape[:2]
         preview = pictures.preview_size(width, height, PREVIEW_SIDE)
         small = pictures.resize_rgb(rgb, *preview)
         del rgb
-        Image.fromarray(small).save(entry.folder / "preview.jpg", quality=90)
-        st.set_picture(
-            session, st.Picture(name=_safe_name(name), width=width, height=height, preview=preview, source=source)
+        workflow.write_previews(small, workflow.folder(entry.folder, slot_id))
+        picture = st.Picture(
+            name=self._unique_name(session, _safe_name(name)),
+            width=width,
+            height=height,
+            preview=preview,
+            source=source,
         )
-        self._clear_downloads(entry)
+        if add:
+            st.add_picture(session, picture, show)
+        else:
+            replaced = session.album[session.current] if session.current >= 0 else None
+            st.set_picture(session, picture)
+            if replaced is not None:
+                self._forget(entry, replaced)
+        if show or not add:
+            self._clear_downloads(entry)
+        self.want_next(entry)
         give_memory_back()
+        if add and not show:
+            return self.view(entry, None, f"Added {picture.name} ({len(session.album)} pictures).")
         return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
+
+    @staticmethod
+    def _unique_name(session: st.Session, name: str) -> str:
+        """File names are unique within a session (each names its files in an export): "a.jpg", "a-2.jpg"…"""
+        taken = {slot.picture.name for slot in session.album}
+        if name not in taken:
+            return name
+        stem, dot, suffix = name.rpartition(".")
+        stem, suffix = (stem, dot + suffix) if dot else (name, "")
+        n = 2
+        while f"{stem}-{n}{suffix}" in taken:
+            n += 1
+        return f"{stem}-{n}{suffix}"
+
+    def _forget(self, entry: Entry, slot: st.Slot) -> None:
+        """A replaced picture's files go (its upload, previews and result)."""
+        source = Path(slot.picture.source)
+        if source.parent == entry.folder:
+            source.unlink(missing_ok=True)
+        workflow.remove(workflow.folder(entry.folder, slot.id))
+
+    def want_next(self, entry: Entry) -> None:
+        """Prefetch the embedding of the picture after the one on screen (if any and not embedded)."""
+        session = entry.session
+        following = session.current + 1
+        if 0 < following < len(session.album):
+            slot = session.album[following]
+            self.prefetcher.want(session.id, slot.id, session.model, slot.picture)
+        else:
+            self.prefetcher.drop(session.id)
 
     # ---- downloads ------------------------------------------------------------------------
 
@@ -327,11 +387,18 @@ class PageRoutes:
             boxes=boxes,
             hq_only=session.hq_only,
         )
-        (folder / "mask.png").write_bytes(encode_png(chosen.labels))
+        # the value of an object in mask.png and objects.json is its visible number, gaps and all
+        numbers = [obj.number for obj in prompted]
+        numbered = workflow.renumber(chosen.labels, numbers)
+        (folder / "mask.png").write_bytes(encode_png(numbered))
         prompt = [{"points": obj.points, "labels": obj.labels, "box": obj.box} for obj in prompted]
-        document = export.objects_document(chosen.labels, chosen.objects, prompt, session.model)
+        document = export.objects_document(
+            numbered, workflow.numbered_objects(chosen.objects, numbers), prompt, session.model
+        )
+        del numbered
         for item, obj in zip(document["objects"], prompted):
             item["name"] = f"Object {obj.number}"
+            item["category"] = obj.category
         _write_gzip(folder / "objects.json.gz", json.dumps(document).encode())
         del document
         summary = SegmentResult(
@@ -367,6 +434,13 @@ class PageRoutes:
 
 class StaleDownload(Exception):
     pass
+
+
+class TooManyPictures(Exception):
+    def __init__(self, limit: int):
+        super().__init__(
+            f"This page holds at most {limit} pictures: export the session, then open the page again for more."
+        )
 
 
 def _write_gzip(path: Path, data: bytes) -> None:
@@ -419,6 +493,8 @@ def _edit(session: st.Session, body: dict[str, Any], models: tuple[str, ...]) ->
         st.select_object(session, int(_number(body, "number")))
     elif op == "choose":
         st.choose_candidate(session, int(_number(body, "candidate")))
+    elif op == "category":
+        st.set_category(session, body.get("name") if isinstance(body.get("name"), str) else "")
     elif op == "clear":
         st.clear_all(session)
     elif op == "settings":
@@ -431,10 +507,33 @@ def _edit(session: st.Session, body: dict[str, Any], models: tuple[str, ...]) ->
             session.model = model
             if session.picture is not None:
                 session.picture = _replace_key(session.picture, None)
+            for slot in session.album:  # every picture's embedding was the other model's
+                slot.picture = _replace_key(slot.picture, None)
             st.changed(session)
     elif op != "embed":
         raise ValueError(f"Unknown edit {op!r}.")
     return op
+
+
+def _draft(session: st.Session) -> st.Session:
+    """A copy of the session for an edit of the picture on screen: the other pictures' slots are shared, not
+    copied (an edit never touches them, and 200 pictures' objects would make every click copy them all)."""
+    album, session.album = session.album, []
+    try:
+        draft = copy.deepcopy(session)
+    finally:
+        session.album = album
+    draft.album = album
+    return draft
+
+
+def _categories(session: st.Session) -> list[str]:
+    """The category names used in the session (offered when naming the next object), the default first."""
+    st.stash(session)
+    names = {obj.category for slot in session.album for obj in slot.objects if obj.prompted}
+    names |= {obj.category for obj in session.objects}
+    names.discard(st.DEFAULT_CATEGORY)
+    return [st.DEFAULT_CATEGORY, *sorted(names)][:100]
 
 
 def _ambiguous(obj: st.ObjectPrompt) -> bool:
@@ -518,7 +617,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
     router = APIRouter(prefix="/ui")
     store = routes.store
     clients = clients or ClientIdentity()
-    _close_store_at_shutdown(app, store)
+    _close_store_at_shutdown(app, store, routes.prefetcher.stop)
     redact_access_log()
 
     async def guarded(sid: str, work, request: Request | None = None) -> Response:
@@ -560,6 +659,8 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             return expired()
         except StaleDownload:
             return error(409, "This download belongs to an earlier prompt: press Download again.", "stale")
+        except TooManyPictures as refusal:
+            return error(409, str(refusal), "too_many_pictures")
         finally:
             store.measure(entry)
 
@@ -583,9 +684,13 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             index = None if example is None else int(example)
         except ValueError:
             return error(400, "example must be an index.")
+        add = request.query_params.get("add", "") in ("1", "true")  # another picture of the session
+        show = request.query_params.get("show", "1") not in ("0", "false")
         entry = store.get(sid)
         if entry is None:  # answered before the body is read; the guard closes the connection (never drained)
             return expired()
+        if add and len(entry.session.album) >= routes.options.pictures_per_session:  # before a byte is read
+            return error(409, str(TooManyPictures(routes.options.pictures_per_session)), "too_many_pictures")
         upload = None
         if index is None:
             cap = routes.limits.max_picture_bytes
@@ -606,7 +711,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
 
             def load(entry: Entry) -> Response:
                 store.make_room(entry, upload.stat().st_size if upload is not None else 0)  # all sessions' budget
-                return JSONResponse(routes.load_picture(entry, upload, name, index))
+                return JSONResponse(routes.load_picture(entry, upload, name, index, add=add, show=show))
 
             response = await guarded(sid, load, request)
             if upload is not None:
@@ -627,7 +732,10 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
     @router.get("/session/{sid}/preview.jpg")
     async def preview_picture(sid: str) -> Response:
         entry = store.get(sid)
-        path = entry.folder / "preview.jpg" if entry else None
+        session = entry.session if entry else None
+        path = None
+        if session is not None and session.current >= 0:
+            path = workflow.folder(entry.folder, session.album[session.current].id) / "preview.jpg"
         if path is None or not path.exists():
             return error(404, "No picture in this session.")
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
@@ -647,6 +755,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
         return await guarded(sid, work, request)
 
     install_everything_routes(router, routes, guarded)  # ui/everything_routes.py: the Everything button
+    install_workflow_routes(router, routes, guarded)  # ui/workflow_routes.py: several pictures, exports
 
     @router.get("/examples/{index}.jpg")
     async def example_thumbnail(index: int) -> Response:
@@ -663,7 +772,7 @@ async def _client_left(request: Request) -> bool:
     return await request.is_disconnected() or await request.is_disconnected()
 
 
-def _close_store_at_shutdown(app, store: SessionStore) -> None:
+def _close_store_at_shutdown(app, store: SessionStore, stop=lambda: None) -> None:
     """Every session folder (visitors' uploads) goes when the server stops, inside the app's lifespan."""
     previous = app.router.lifespan_context
 
@@ -673,6 +782,7 @@ def _close_store_at_shutdown(app, store: SessionStore) -> None:
             async with previous(application) as state:
                 yield state
         finally:
+            stop()  # the background prefetch
             store.close()
 
     app.router.lifespan_context = lifespan

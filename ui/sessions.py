@@ -58,6 +58,13 @@ class Entry:
     disk: int = 0  # bytes in its folder when last measured
     receiving: int = 0  # bytes of an upload still arriving, reserved against the disk budget
     uploading: bool = False  # an upload is in flight (one at a time per session)
+    exporting: bool = False  # a dataset export is being written or sent (one at a time per session)
+    export_bytes: int = 0  # bytes of that export's zip, reserved against the disk budget as they are written
+
+    @property
+    def held(self) -> int:
+        """Its bytes against the disk budget: its folder, an upload arriving, an export being written."""
+        return self.disk + self.receiving + self.export_bytes
 
 
 class SessionStore:
@@ -136,7 +143,7 @@ class SessionStore:
         dropped = []
         try:
             with self._lock:
-                others = sum(e.disk + e.receiving for e in self._entries.values() if e is not entry)
+                others = sum(e.held for e in self._entries.values() if e is not entry)
                 self._fit_locked(entry, others + incoming, now, dropped)
         finally:
             self._remove(dropped)
@@ -149,7 +156,7 @@ class SessionStore:
         dropped = []
         try:
             with self._lock:
-                total = sum(e.disk + e.receiving for e in self._entries.values()) + incoming
+                total = sum(e.held for e in self._entries.values()) + incoming
                 self._fit_locked(entry, total, now, dropped)
                 entry.receiving += incoming
         finally:
@@ -160,6 +167,24 @@ class SessionStore:
         with self._lock:
             entry.receiving = 0
 
+    def reserve_export(self, entry: Entry, incoming: int) -> None:
+        """`incoming` more bytes of `entry`'s export zip (a nameless file in its folder, which `measure` does
+        not see) are about to be written: counted as an upload's are (`reserve`), or StoreRefusal 503."""
+        now = time.monotonic()
+        dropped = []
+        try:
+            with self._lock:
+                total = sum(e.held for e in self._entries.values()) + incoming
+                self._fit_locked(entry, total, now, dropped)
+                entry.export_bytes += incoming
+        finally:
+            self._remove(dropped)
+
+    def release_export(self, entry: Entry) -> None:
+        """The export's file is closed (gone): its bytes no longer count."""
+        with self._lock:
+            entry.export_bytes = 0
+
     def _fit_locked(self, entry: Entry, total: int, now: float, dropped: list[Entry]) -> None:
         """Evict idle sessions (never `entry`, never one receiving an upload) until `total` fits, or refuse."""
         while total > self.disk_bytes:
@@ -167,7 +192,7 @@ class SessionStore:
                 (
                     e
                     for e in self._entries.values()
-                    if e is not entry and not e.receiving and now - e.touched > self.recent
+                    if e is not entry and not e.receiving and not e.exporting and now - e.touched > self.recent
                 ),
                 None,
             )
@@ -194,7 +219,7 @@ class SessionStore:
 
     @property
     def disk(self) -> int:
-        return sum(entry.disk + entry.receiving for entry in list(self._entries.values()))
+        return sum(entry.held for entry in list(self._entries.values()))
 
     def drop(self, sid: str) -> None:
         with self._lock:

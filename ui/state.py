@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_UNDO = 200  # redo entries kept per object
+DEFAULT_CATEGORY = "object"
+MAX_CATEGORY = 64  # characters of a category name
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ObjectPrompt:
     # ("box", the box it replaced); redo holds what undo took: ("point", point, label) or ("box", box)
     edits: list[tuple] = field(default_factory=list)
     redo: list[tuple] = field(default_factory=list)
+    category: str = DEFAULT_CATEGORY  # its class name in the COCO / YOLO exports
 
     @property
     def prompted(self) -> bool:
@@ -40,6 +43,20 @@ class Picture:
 
 
 @dataclass
+class Slot:
+    """One picture of a session with its own objects, numbers and undo/redo history. The current picture's
+    live values are the session's own fields (`picture`, `objects`, `active`, `next_number`), so every edit
+    above works unchanged; its slot is brought up to date when the person moves to another picture."""
+
+    id: int  # stable within the session: its folder `pictures/<id>` and its file names
+    picture: Picture
+    objects: list[ObjectPrompt] = field(default_factory=lambda: [ObjectPrompt(1)])
+    active: int = 0
+    next_number: int = 2
+    saved: str = ""  # the signature of the result last written to its folder ("" = none yet)
+
+
+@dataclass
 class Session:
     id: str
     model: str
@@ -49,6 +66,9 @@ class Session:
     hq_only: bool = False
     rev: int = 0  # bumped by every change of prompt or setting: downloads name the revision they belong to
     next_number: int = 2
+    album: list[Slot] = field(default_factory=list)  # every picture of the session, in the strip's order
+    current: int = -1  # index into album of the picture on screen (-1: none yet)
+    next_slot: int = 1
 
     @property
     def active_object(self) -> ObjectPrompt:
@@ -180,5 +200,65 @@ def set_hq_only(session: Session, hq_only: bool) -> Session:
 
 
 def set_picture(session: Session, picture: Picture) -> Session:
+    """Today's upload: the picture on screen is replaced (a new slot in its place), its objects cleared."""
+    if session.current < 0:
+        return add_picture(session, picture, show=True)
+    session.album[session.current] = Slot(session.next_slot, picture)
+    session.next_slot += 1
     session.picture = picture
     return clear_all(session)
+
+
+def stash(session: Session) -> None:
+    """Bring the current picture's slot up to date with the session's live fields."""
+    if session.current >= 0:
+        slot = session.album[session.current]
+        slot.picture, slot.objects, slot.active, slot.next_number = (
+            session.picture,
+            session.objects,
+            session.active,
+            session.next_number,
+        )
+
+
+def slot(session: Session, index: int) -> Slot:
+    """Picture `index` with its objects as they are now (the current one's are the live fields)."""
+    stash(session)
+    return session.album[index]
+
+
+def add_picture(session: Session, picture: Picture, show: bool) -> Session:
+    """Another picture at the end of the strip; `show` moves to it (the first picture is always shown)."""
+    session.album.append(Slot(session.next_slot, picture))
+    session.next_slot += 1
+    if show or session.current < 0:
+        switch_picture(session, len(session.album) - 1)
+    return session
+
+
+def switch_picture(session: Session, index: int) -> Session:
+    """Move to picture `index`: the one left keeps its objects, numbers and history in its slot."""
+    if not 0 <= index < len(session.album):
+        raise IndexError(index)
+    stash(session)
+    target = session.album[index]
+    session.current = index
+    session.picture, session.objects, session.active, session.next_number = (
+        target.picture,
+        target.objects,
+        target.active,
+        target.next_number,
+    )
+    return changed(session)
+
+
+def set_category(session: Session, name: str) -> Session:
+    """The active object's category (its class in the COCO and YOLO exports); empty = the default."""
+    name = " ".join(str(name).split())
+    if len(name) > MAX_CATEGORY or any(not c.isprintable() for c in name):
+        raise ValueError(f"A category is a name of at most {MAX_CATEGORY} characters.")
+    name = name or DEFAULT_CATEGORY
+    if session.active_object.category != name:
+        session.active_object.category = name
+        changed(session)
+    return session
