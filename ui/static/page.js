@@ -51,7 +51,7 @@
   // ---- the queue: every edit in order, one request at a time -----------------------------------
   function enqueue(item) {
     // an edit makes the offered downloads stale at once, before its answer comes back
-    if (!["export", "embed", "select"].includes(item.op)) clearDownloads();
+    if (!["export", "embed", "select", "zip"].includes(item.op)) clearDownloads();
     S.queue.push(item);
     drawPoints();
     pump();
@@ -65,15 +65,30 @@
       try {
         if (item.op === "export") {
           await prepareDownloads();
+        } else if (item.op === "zip") {
+          await exportZip(item.which);
         } else if (item.op === "picture") {
-          const query = item.example !== undefined ? "?example=" + item.example : "";
+          // every picture is added to the session's strip; the first of a batch is shown, the others wait
+          const query = (item.example !== undefined ? "?example=" + item.example + "&" : "?") + "add=1&show=" + (item.show === false ? 0 : 1);
           const headers = item.file ? { "X-Filename": encodeURIComponent(item.file.name || "picture") } : {};
-          setStatus("Reading the picture…");
+          if (item.show !== false) setStatus("Reading the picture…");  // the others arrive in the strip quietly
           const view = await call("/ui/session/" + S.session + "/picture" + query,
             { method: "POST", body: item.file || null, headers });
+          if (item.show === false) {
+            S.album = view.album;
+          } else {
+            await showPicture(view);
+            apply(view);
+            S.queue.splice(1, 0, { op: "embed" });  // next, before any click made meanwhile
+          }
+          refreshStrip();
+        } else if (item.op === "switch") {
+          setStatus("Opening picture " + (item.index + 1) + "…");
+          const view = await call("/ui/session/" + S.session + "/pictures/" + item.index, { method: "POST" });
           await showPicture(view);
           apply(view);
-          S.queue.splice(1, 0, { op: "embed" });  // next, before any click made meanwhile
+          if (!view.picture.embedded) S.queue.splice(1, 0, { op: "embed" });
+          refreshStrip();
         } else {
           if (item.op === "embed") setStatus("Computing the embedding (the slow part; clicks are kept and applied when it is ready)…");
           const { local, sentAt, ...body } = item;
@@ -89,6 +104,8 @@
         setStatus(error.message, true);
         if (error.status === 404 && /expired/.test(error.message)) { S.queue = []; break; }
         if (item.op === "picture") S.queue = S.queue.filter((q) => q.op !== "click");
+        // past the pictures' limit, the rest of the batch is refused alike: the message stays on screen
+        if (error.status === 409 && item.op === "picture") S.queue = S.queue.filter((q, i) => i === 0 || q.op !== "picture");
       }
       S.queue.shift();
       drawPoints();
@@ -100,12 +117,15 @@
   function apply(view, item) {
     const previousRev = S.view ? S.view.rev : null;
     S.view = view;
+    if (view.album) S.album = view.album;
     if (view.rev !== previousRev) clearDownloads();
     if (view.status) setStatus(view.status, false);
     if (item && (item.op === "click" || item.op === "box")) S.clicks += 1;
     renderTools();
     renderLegend();
     renderCandidates();
+    markStrip();
+    renderCategory();
     drawPoints();
     if (view.map) {
       paintMap(view.map, view.rev, item);
@@ -456,11 +476,37 @@
   }
 
   // ---- wiring ---------------------------------------------------------------------------------------
-  function upload(file) {
-    if (!file) return;
+  function upload(files) {
+    const pictures = [...(files || [])].filter(isPicture);
+    if (!pictures.length) { if (files && files.length) setStatus("No picture among the files dropped.", true); return; }
     S.queue = S.queue.filter((q) => q.op !== "click");
     if (!S.session) setStatus("The picture opens as soon as the page is ready…");
-    enqueue({ op: "picture", file });
+    pictures.sort((a, b) => (a.webkitRelativePath || a.name).localeCompare(b.webkitRelativePath || b.name, undefined, { numeric: true }));
+    pictures.forEach((file, i) => enqueue({ op: "picture", file, show: i === 0 }));
+  }
+
+  const PICTURE_NAME = /\.(jpe?g|png|webp|bmp|gif|tiff?|avif)$/i;
+  const isPicture = (file) => (file.type ? file.type.startsWith("image/") : PICTURE_NAME.test(file.name));
+
+  // A dropped folder: its pictures (and those of its sub-folders), read through the entries API.
+  async function droppedFiles(transfer) {
+    const entries = [...(transfer.items || [])].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+    if (!entries.some((entry) => entry.isDirectory)) return [...transfer.files];
+    const files = [];
+    async function walk(entry) {
+      if (entry.isFile) {
+        files.push(await new Promise((resolve, reject) => entry.file(resolve, reject)));
+      } else if (entry.isDirectory) {
+        const reader = entry.createReader();
+        for (;;) {
+          const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+          if (!batch.length) break;
+          for (const child of batch) await walk(child);
+        }
+      }
+    }
+    for (const entry of entries) await walk(entry);
+    return files;
   }
 
   async function start() {
@@ -491,7 +537,7 @@
       image.src = "/ui/examples/" + example.index + ".jpg";
       image.alt = example.name;
       button.append(image);
-      button.addEventListener("click", () => { S.queue = S.queue.filter((q) => q.op !== "click"); enqueue({ op: "picture", example: example.index }); });
+      button.addEventListener("click", () => { S.queue = S.queue.filter((q) => q.op !== "click"); enqueue({ op: "picture", example: example.index, show: true }); });
       examples.append(button);
     }
     setStatus(config.banner ? "The model is not available: see the banner above." : "Upload a picture or pick an example to start.", !!config.banner);
@@ -504,14 +550,19 @@
   $("points").addEventListener("pointermove", onPointerMove);
   $("points").addEventListener("pointerup", onPointerUp);
   $("points").addEventListener("pointercancel", () => { S.drag = null; drawPoints(); });
-  $("file").addEventListener("change", (e) => { upload(e.target.files[0]); e.target.value = ""; });
+  $("file").addEventListener("change", (e) => { upload(e.target.files); e.target.value = ""; });
+  $("folder").addEventListener("change", (e) => { upload(e.target.files); e.target.value = ""; });
   const stage = $("stage");
   stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("dragging"); });
   stage.addEventListener("dragleave", () => stage.classList.remove("dragging"));
-  stage.addEventListener("drop", (e) => { e.preventDefault(); stage.classList.remove("dragging"); upload(e.dataTransfer.files[0]); });
+  stage.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    stage.classList.remove("dragging");
+    try { upload(await droppedFiles(e.dataTransfer)); } catch (error) { setStatus("The folder could not be read: " + error.message, true); }
+  });
   document.addEventListener("paste", (e) => {
     const file = [...(e.clipboardData ? e.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
-    if (file) upload(file);
+    if (file) upload([file]);
   });
   root.querySelectorAll("input[name=samhq-mode]").forEach((input) => input.addEventListener("change", () => {
     S.mode = input.value; S.corner = null; $("stage").classList.toggle("box-mode", S.mode === "box"); drawPoints();
@@ -608,6 +659,177 @@
     try { showEverything(await call("/ui/session/" + S.session + "/everything", { method: "DELETE" })); }
     catch (error) { setStatus(error.message, true); }
   });
+
+  // ---- several pictures: the strip, moving between them -------------------------------------------
+  S.album = { count: 0, current: -1 };
+  let stripFetch = null;
+  async function refreshStrip() {
+    if (!S.session) return;
+    const mine = stripFetch = call("/ui/session/" + S.session + "/pictures");
+    let listing;
+    try { listing = await mine; } catch (error) { return; }
+    if (mine !== stripFetch) return;  // a newer listing is on its way
+    const strip = $("strip");
+    strip.hidden = listing.count < 2;
+    const items = strip.querySelectorAll(".strip-item");
+    listing.pictures.forEach((picture, index) => {
+      let item = items[index];
+      if (!item) {
+        item = document.createElement("button");
+        item.className = "strip-item";
+        item.dataset.index = String(index);
+        const image = document.createElement("img");
+        image.loading = "lazy";
+        image.src = "/ui/session/" + S.session + "/pictures/" + index + "/thumb.jpg";
+        const badge = document.createElement("span");
+        badge.className = "strip-badge";
+        item.append(image, badge);
+        item.addEventListener("click", () => goTo(index));
+        strip.append(item);
+      }
+      item.title = picture.name + " — " + (picture.objects ? picture.objects + " object(s)" : "no objects yet");
+      item.querySelector("img").alt = picture.name;
+      setItemObjects(item, picture.objects);
+      item.classList.toggle("current", picture.current);
+      item.setAttribute("aria-current", picture.current ? "true" : "false");
+    });
+    S.album = { count: listing.count, current: listing.current };
+    renderAlbum();
+  }
+
+  function setItemObjects(item, count) {
+    item.dataset.objects = String(count);
+    item.classList.toggle("has-objects", count > 0);
+    item.querySelector(".strip-badge").textContent = count ? String(count) : "";
+  }
+
+  // The picture on screen's item follows its objects at each answer (no listing needed).
+  function markStrip() {
+    if (!S.view || !S.album) return;
+    const current = S.album.current;
+    root.querySelectorAll("#strip .strip-item").forEach((item) => {
+      const mine = Number(item.dataset.index) === current;
+      item.classList.toggle("current", mine);
+      item.setAttribute("aria-current", mine ? "true" : "false");
+      if (mine) setItemObjects(item, S.view.objects.filter((o) => o.points.length || o.box).length);
+    });
+    renderAlbum();
+  }
+
+  function renderAlbum() {
+    const { count, current } = S.album;
+    $("picture-count").textContent = count > 1 ? "Picture " + (current + 1) + " of " + count : "";
+    $("prev-picture").disabled = !(count > 1 && current > 0);
+    $("next-picture").disabled = !(count > 1 && current < count - 1);
+    $("album-tools").hidden = count < 2;
+    const active = root.querySelector("#strip .strip-item.current");
+    if (active && active.scrollIntoView) active.scrollIntoView({ block: "nearest", inline: "nearest" });
+  }
+
+  // The picture `index` after every edit queued before (the edits belong to the picture they were made on).
+  function goTo(index) {
+    const target = S.queue.filter((q) => q.op === "switch").map((q) => q.index).pop() ?? S.album.current;
+    if (index < 0 || index >= S.album.count || index === target) return;
+    S.corner = null;
+    enqueue({ op: "switch", index });
+  }
+  const step = (delta) => {
+    const from = S.queue.filter((q) => q.op === "switch").map((q) => q.index).pop() ?? S.album.current;
+    goTo(from + delta);
+  };
+  $("prev-picture").addEventListener("click", () => step(-1));
+  $("next-picture").addEventListener("click", () => step(1));
+
+  // ---- the object's category (its class in the COCO and YOLO exports) -----------------------------
+  function renderCategory() {
+    if (!S.view) return;
+    const field = $("object-category");
+    const active = S.view.objects.find((o) => o.number === S.view.active);
+    if (document.activeElement !== field) field.value = active ? active.category : "object";
+    const list = $("categories");
+    list.innerHTML = "";
+    for (const name of S.view.categories || []) {
+      const option = document.createElement("option");
+      option.value = name;
+      list.append(option);
+    }
+  }
+  const sendCategory = () => {
+    const active = S.view && S.view.objects.find((o) => o.number === S.view.active);
+    const name = $("object-category").value.trim() || "object";
+    if (active && active.category !== name) enqueue({ op: "category", name });
+  };
+  $("object-category").addEventListener("change", sendCategory);
+  $("object-category").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); $("object-category").blur(); } });
+
+  // ---- data-set exports: this picture, or the whole session as one zip ----------------------------
+  async function exportZip(which) {
+    if (!S.view || !S.view.picture) { setStatus("Upload a picture first, or pick one of the examples.", true); return; }
+    const path = which === "session" ? "export/session.zip" : "export/picture/" + S.album.current + ".zip";
+    setStatus(which === "session" ? "Preparing the data set of every picture…" : "Preparing this picture's files…");
+    const response = await fetch("/ui/session/" + S.session + "/" + path);
+    if (!response.ok) {
+      let message = "The server answered " + response.status + ".";
+      try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+      throw Object.assign(new Error(message), { status: response.status });
+    }
+    const name = (/filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "") || [])[1] || "dataset.zip";
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = name;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    setStatus("Exported " + name + ".");
+  }
+  $("export-picture").addEventListener("click", () => enqueue({ op: "zip", which: "picture" }));
+  $("export-session").addEventListener("click", () => enqueue({ op: "zip", which: "session" }));
+
+  // ---- keyboard shortcuts (never while typing in a field) and the `?` overlay -------------------------
+  function setMode(mode) {
+    S.mode = mode; S.corner = null;
+    $("stage").classList.toggle("box-mode", mode === "box");
+    root.querySelector("input[name=samhq-mode][value=" + mode + "]").checked = true;
+    drawPoints();
+  }
+  function toggleShortcuts(show) {
+    const box = $("shortcuts");
+    box.hidden = show === undefined ? !box.hidden : !show;
+  }
+  const typing = (target) => target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName))
+    && !(target.tagName === "INPUT" && /^(radio|checkbox|range|button|file)$/.test(target.type));
+  document.addEventListener("keydown", (event) => {
+    if (!root.isConnected || event.defaultPrevented || event.altKey) return;
+    if (event.key === "Escape") { if (!$("shortcuts").hidden) { toggleShortcuts(false); event.preventDefault(); } return; }
+    if (typing(event.target)) return;
+    const key = event.key;
+    const command = event.ctrlKey || event.metaKey;
+    let handled = true;
+    if (command) {
+      if (key === "z" || key === "Z") enqueue({ op: event.shiftKey ? "redo" : "undo" });
+      else if (key === "y") enqueue({ op: "redo" });
+      else handled = false;
+    } else if (key === "?") toggleShortcuts();
+    else if (key === "i") setMode("include");
+    else if (key === "e") setMode("exclude");
+    else if (key === "b") setMode("box");
+    else if (key === "n") $("new-object").click();
+    else if (key === "z") enqueue({ op: "undo" });
+    else if (key === "y" || key === "Z") enqueue({ op: "redo" });
+    else if (key === "Delete" || key === "Backspace") enqueue({ op: "delete" });
+    else if (key === "ArrowRight" || key === "PageDown" || key === "d") step(1);
+    else if (key === "ArrowLeft" || key === "PageUp" || key === "a") step(-1);
+    else if (key === "x") enqueue({ op: "zip", which: "picture" });
+    else if (key === "s") enqueue({ op: "zip", which: "session" });
+    else if (key === "c") { $("object-category").focus(); $("object-category").select(); }
+    else if (["1", "2", "3"].includes(key) && S.view && (S.view.thumbnails || []).length >= Number(key)) enqueue({ op: "choose", candidate: Number(key) - 1 });
+    else handled = false;
+    if (handled) event.preventDefault();
+  });
+  $("shortcuts-button").addEventListener("click", () => toggleShortcuts());
+  $("shortcuts-close").addEventListener("click", () => toggleShortcuts(false));
 
   start();
 })
