@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,29 +12,66 @@ import numpy as np
 
 def rle_counts(mask: np.ndarray) -> list[int]:
     """COCO run lengths: column-major (Fortran) order, starting with a run of zeros."""
-    flat = np.asarray(mask, dtype=bool).flatten(order="F")
-    if flat.size == 0:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
         return []
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat[0] else runs
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [int(mask.size)]
+    top, left = int(rows[0]), int(cols[0])
+    crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    return crop_rle_counts(crop, top, left, mask.shape)
 
 
-def _counts_to_string(counts: Sequence[int]) -> str:
-    """pycocotools' compressed RLE string (LEB128-like, 5 bits a character, deltas after the 3rd run)."""
-    chars = []
-    for i, count in enumerate(counts):
-        x = int(count) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            chars.append(chr(c + 48))
-    return "".join(chars)
+def crop_rle_counts(crop: np.ndarray, top: int, left: int, size: tuple[int, int]) -> list[int]:
+    """COCO run lengths of a mask of `size` (h, w) that is zero outside `crop`, placed at (top, left).
+
+    Only the crop is read: an object's runs cost its bounding box, not the picture (a 20-object
+    3-megapixel picture's RLEs take a fraction of one full-size pass per object; docs/PERFORMANCE.md)."""
+    height, width = size
+    total = height * width
+    columns = np.zeros((crop.shape[1], crop.shape[0] + 2), dtype=np.int8)  # one row per column, padded
+    columns[:, 1:-1] = np.asarray(crop, dtype=bool).T
+    steps = np.diff(columns, axis=1)  # +1 where a run of ones starts, -1 just past where it ends
+    col, row = np.nonzero(steps)
+    index = (col.astype(np.int64) + left) * height + row + top  # column-major index in the whole mask
+    rising = steps[col, row] > 0
+    starts, ends = index[rising], index[~rising]
+    if starts.size == 0:
+        return [total]
+    joined = ends[:-1] == starts[1:]  # a run that ends a column and goes on at the top of the next
+    starts = starts[np.concatenate([[True], ~joined])]
+    ends = ends[np.concatenate([~joined, [True]])]
+    bounds = np.empty(2 * starts.size + 2, dtype=np.int64)
+    bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, total
+    counts = np.diff(bounds).tolist()
+    return counts[:-1] if counts[-1] == 0 else counts
+
+
+def _counts_to_string(counts: Sequence[int] | np.ndarray) -> str:
+    """pycocotools' compressed RLE string (LEB128-like, 5 bits a character, deltas after the 3rd run).
+
+    Vectorised: every count's characters are worked out at once, so a mask of a million runs (noise,
+    a fine texture) costs milliseconds, not a Python loop over each run."""
+    values = np.asarray(counts, dtype=np.int64)
+    if values.size == 0:
+        return ""
+    rest = values.copy()
+    rest[3:] -= values[1:-2]  # pycocotools writes x - counts[i - 2] from the 4th count on
+    chars = np.zeros((values.size, 8), dtype=np.uint8)  # 8 groups of 5 bits hold any int64 delta of a count
+    length = np.zeros(values.size, dtype=np.int64)
+    going = np.ones(values.size, dtype=bool)
+    for k in range(chars.shape[1]):
+        group = rest & 0x1F
+        rest >>= 5  # arithmetic shift, as pycocotools' (negative deltas end on -1)
+        more = np.where(group & 0x10 != 0, rest != -1, rest != 0)
+        chars[:, k] = group + 48 + 32 * more
+        length += going
+        going &= more
+        if not going.any():
+            break
+    kept = np.arange(chars.shape[1]) < length[:, None]
+    return chars[kept].tobytes().decode("ascii")
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
@@ -42,13 +80,107 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(height), int(width)], "counts": _counts_to_string(rle_counts(mask))}
 
 
+def crop_rle_encode(crop: np.ndarray, top: int, left: int, size: tuple[int, int]) -> dict[str, Any]:
+    """rle_encode of the mask of `size` that is `crop` at (top, left) and zero elsewhere."""
+    return {"size": [int(size[0]), int(size[1])], "counts": _counts_to_string(crop_rle_counts(crop, top, left, size))}
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where one value lies in a label map: its pixel count, bounding box (x0, y0, x1, y1 inclusive) and COCO RLE."""
+
+    value: int
+    area: int
+    bbox: tuple[int, int, int, int]
+    rle: dict[str, Any]
+
+
+# label_map_regions reads the map in bands of whole columns of about this many pixels (its transposed copy
+# and change flags are 2-3 bytes a pixel of the band, not of the picture).
+REGION_BAND_PIXELS = 4_000_000
+
+
+def label_map_regions(label_map: np.ndarray, band_pixels: int = REGION_BAND_PIXELS) -> dict[int, Region]:
+    """Every non-zero value of a label map with its area, box and COCO RLE, from one pass over the map.
+
+    COCO RLE runs go down the columns; so do the map's own runs of equal values. One pass finds where
+    the value changes down each column, and each object's RLE is its runs in that order (a run that
+    ends a column and goes on at the top of the next is one RLE run). This costs one pass whatever the
+    number of objects, where encoding a mask per object (as pycocotools does) costs one pass each
+    (benchmarks/rle_bench.py)."""
+    height, width = label_map.shape
+    total = height * width
+    if total == 0:
+        return {}
+    columns_per_band = max(1, band_pixels // height)
+    starts_parts, values_parts = [], []
+    for left in range(0, width, columns_per_band):
+        columns = np.ascontiguousarray(label_map[:, left : left + columns_per_band].T)  # (band, h)
+        change = np.empty(columns.shape, dtype=bool)
+        change[:, 0] = True  # every column starts a run: runs never cross bands or columns here
+        np.not_equal(columns[:, 1:], columns[:, :-1], out=change[:, 1:])
+        flat = np.flatnonzero(change)
+        values = columns.reshape(-1)[flat]
+        starts_parts.append(flat.astype(np.int64) + left * height)  # column-major index in the picture
+        values_parts.append(values)
+    starts = np.concatenate(starts_parts)
+    values = np.concatenate(values_parts)
+    ends = np.append(starts[1:], total)
+    kept = values != 0
+    starts, ends, values = starts[kept], ends[kept], values[kept]
+    order = np.argsort(values, kind="stable")  # each value's runs stay in column-major order
+    starts, ends, values = starts[order], ends[order], values[order]
+    bounds = np.flatnonzero(np.diff(values)) + 1
+    regions = {}
+    for first, stop in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [values.size]])):
+        if first == stop:
+            continue
+        s, e = starts[first:stop], ends[first:stop]
+        value = int(values[first])
+        cols, rows, last_rows = s // height, s % height, (e - 1) % height
+        bbox = (int(cols[0]), int(rows.min()), int(cols[-1]), int(last_rows.max()))
+        joined = e[:-1] == s[1:]
+        run_starts = s[np.concatenate([[True], ~joined])]
+        run_ends = e[np.concatenate([~joined, [True]])]
+        edges = np.empty(2 * run_starts.size + 2, dtype=np.int64)
+        edges[0], edges[1:-1:2], edges[2:-1:2], edges[-1] = 0, run_starts, run_ends, total
+        counts = np.diff(edges)
+        if counts[-1] == 0:
+            counts = counts[:-1]
+        rle = {"size": [int(height), int(width)], "counts": _counts_to_string(counts)}
+        regions[value] = Region(value, int((e - s).sum()), bbox, rle)
+    return regions
+
+
 # contourpy needs ~27 bytes a grid point (its float64 field, its cache, x and y): a 40-megapixel mask
 # traced whole took ~1 GiB. Larger masks are traced in strips of about this many points and joined.
 STRIP_POINTS = 2_000_000
 
 
-def polygons(mask: np.ndarray, min_points: int = 3, strip_points: int = STRIP_POINTS) -> list[list[float]]:
-    """Outlines of the mask as COCO polygons [x1, y1, x2, y2, ...] in pixel coordinates.
+def polygons(
+    mask: np.ndarray,
+    min_points: int = 3,
+    strip_points: int = STRIP_POINTS,
+    *,
+    origin: tuple[int, int] = (0, 0),
+) -> list[list[float]]:
+    """Outlines of the mask as COCO polygons [x1, y1, x2, y2, ...], one per ring (parts and holes).
+
+    Coordinates are COCO's: pixel (x, y) covers [x, x + 1) x [y, y + 1), so an outline runs through the
+    middle of the edges between the object's boundary pixels and the background (pycocotools rasterises
+    a hole-free part back to exactly its pixels). Rings are closed implicitly (the first point is not
+    repeated) and keep only their corners: points on a straight run, the 45-degree steps of a staircase
+    included, are dropped (the outline is the same). `origin` (x, y) is where the mask sits in the
+    picture, for a mask cut to an object's box."""
+    return [
+        ring.reshape(-1).tolist()  # corners lie on the half-pixel grid: exact floats, nothing to round
+        for ring in rings(mask, strip_points, origin=origin)
+        if len(ring) >= min_points
+    ]
+
+
+def rings(mask: np.ndarray, strip_points: int = STRIP_POINTS, *, origin: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
+    """The mask's outlines as (n, 2) float arrays of (x, y) corners in COCO's frame (see `polygons`).
 
     Traced on the mask's bounding box only, and in strips of rows when that is large (the outlines
     are the same; a loop that crosses strips is joined back at the points the strips share)."""
@@ -58,14 +190,26 @@ def polygons(mask: np.ndarray, min_points: int = 3, strip_points: int = STRIP_PO
         return []
     top, left = int(rows[0]), int(cols[0])
     crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
-    lines = _trace(crop, strip_points)
+    shift = (left + origin[0] - 0.5, top + origin[1] - 0.5)  # undo the padding and the crop; pixel centres at +0.5
     result = []
-    for line in lines:
-        if len(line) < min_points:
-            continue
-        coords = np.asarray(line, dtype=np.float64) + (left - 1.0, top - 1.0)  # undo the padding and the crop
-        result.append([round(float(v), 2) for v in coords.reshape(-1)])
+    for line in _trace(crop, strip_points):
+        corners = _corners(np.asarray(line, dtype=np.float64))
+        if len(corners):
+            result.append(corners + shift)
     return result
+
+
+def _corners(line: np.ndarray) -> np.ndarray:
+    """A closed line's points without the repeated last one, repeated points or points on a straight run."""
+    if len(line) > 1 and (line[0] == line[-1]).all():
+        line = line[:-1]
+    line = line[(line != np.roll(line, 1, axis=0)).any(axis=1)] if len(line) > 1 else line
+    if len(line) < 3:
+        return line
+    before = line - np.roll(line, 1, axis=0)
+    after = np.roll(line, -1, axis=0) - line
+    turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]  # exact: the points are on a half-pixel grid
+    return line[turn != 0]
 
 
 def _trace(crop: np.ndarray, strip_points: int) -> list[np.ndarray]:

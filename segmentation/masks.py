@@ -229,6 +229,23 @@ def encode_png(label_map: np.ndarray) -> bytes:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def encode_bit_png(height: int, width: int, crop: np.ndarray, top: int = 0, left: int = 0) -> bytes:
+    """A 1-bit grayscale PNG of a height x width mask that is `crop` (bool) at (top, left), 0 elsewhere.
+
+    One bit a pixel: an object's full-size mask costs an eighth of an 8-bit one to compress, and only
+    the crop's rows are built (Pillow reads it as mode "1", OpenCV as 0/255)."""
+    row_bytes = (width + 7) // 8
+    scanlines = np.zeros((height, 1 + row_bytes), dtype=np.uint8)  # byte 0: filter type None
+    if crop.size:
+        band = np.zeros((crop.shape[0], width), dtype=bool)
+        band[:, left : left + crop.shape[1]] = crop
+        scanlines[top : top + crop.shape[0], 1:] = np.packbits(band, axis=1)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    pixels = compressor.compress(scanlines) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
