@@ -189,15 +189,17 @@ class Workflow:
                 dx.write_dataset_zip(pictures, budget, max_bytes=max_bytes, deadline_s=deadline - time.monotonic())
             else:
                 files = dx.picture_files(pictures[0])
+                if sum(len(data) for data in files.values()) > max_bytes:  # stored files: the zip is no smaller
+                    raise ExportRefused(413, self._too_large(), "export_too_large")
                 with zipfile.ZipFile(budget, "w", zipfile.ZIP_DEFLATED) as archive:
                     for name, data in files.items():
-                        if budget.written + len(data) > max_bytes:
-                            raise dx.ExportTooLarge(max_bytes)
                         if time.monotonic() > deadline:
-                            raise dx.ExportTooSlow(deadline)
-                        archive.writestr(name, data)
+                            raise ExportRefused(413, self._too_slow(), "export_too_slow")
+                        packed = Path(name).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+                        archive.writestr(name, data, compress_type=zipfile.ZIP_STORED if packed else None)
+                del files
                 if budget.written > max_bytes:
-                    raise dx.ExportTooLarge(max_bytes)
+                    raise ExportRefused(413, self._too_large(), "export_too_large")
         except dx.ExportTooLarge:
             out.close()
             raise ExportRefused(413, self._too_large(), "export_too_large") from None
