@@ -136,7 +136,7 @@ def test_undo_delete_and_redo_keep_object_numbers(browser, server, picture_path)
     document = objects_json(page, server)
     assert [o["name"] for o in document["objects"]] == ["Object 1", "Object 3"]
     assert [len(o["points"]) for o in document["objects"]] == [1, 2]
-    assert [o["value"] for o in document["objects"]] == [1, 2], "mask values follow the API: prompt order"
+    assert [o["value"] for o in document["objects"]] == [1, 3], "the value is the number on screen (issue 18)"
     page.locator("#clear-all").click()  # confirmed by the dialog handler
     page.wait_for_function("window.samhq.view.objects.length === 1 && !window.samhq.view.objects[0].points.length")
     assert page.locator("#files").is_hidden(), "downloads of an earlier prompt are withdrawn"

@@ -387,7 +387,7 @@
       const row = document.createElement("tr");
       if (obj.number === view.active) row.className = "active";
       const cells = [
-        "", obj.value ?? "–", obj.score == null ? "–" : obj.score.toFixed(3),
+        "", obj.value ? obj.number : "–", obj.score == null ? "–" : obj.score.toFixed(3),
         obj.percent == null ? "–" : obj.percent.toFixed(1) + "%",
         obj.box ? (obj.points.length ? obj.points.length + " + ▭" : "▭") : String(obj.points.length),
         obj.candidates > 1 ? (obj.candidate + 1) + " of " + obj.candidates : "–",
