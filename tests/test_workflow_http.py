@@ -137,6 +137,12 @@ def test_pictures_keep_their_objects_the_next_is_prefetched_and_the_limit_holds(
         assert error["code"] == "too_many_pictures" and f"at most {PICTURES_PER_SESSION} pictures" in error["message"]
         assert _listing(http, sid)["count"] == PICTURES_PER_SESSION
 
+        # a picture added by mistake goes with its files; the next one is shown with its own objects
+        view = http.delete(f"/ui/session/{sid}/pictures/0").json()
+        assert view["album"] == {"count": 3, "current": 0} and view["picture"]["name"] == "shot-1.jpg"
+        assert [len(o["points"]) for o in view["objects"]] == [1]
+        assert [p["name"] for p in _listing(http, sid)["pictures"]] == ["shot-1.jpg", "shot-2.jpg", "picture.jpg"]
+
 
 def test_exports_write_the_visible_numbers_with_a_gap_and_hold_their_limits(server):
     with httpx.Client(base_url=server.url, timeout=120) as http:

@@ -252,6 +252,23 @@ def switch_picture(session: Session, index: int) -> Session:
     return changed(session)
 
 
+def remove_picture(session: Session, index: int) -> Slot:
+    """Take picture `index` out of the strip (a picture added by mistake); the one after it (or before it, at
+    the end) is shown if it was on screen. The last picture stays: a page always has one once it has any."""
+    if not 0 <= index < len(session.album):
+        raise IndexError(index)
+    if len(session.album) == 1:
+        raise ValueError("This is the page's only picture: upload another one to replace it.")
+    stash(session)
+    removed = session.album.pop(index)
+    if index < session.current:
+        session.current -= 1
+    elif index == session.current:
+        session.current = -1
+        switch_picture(session, min(index, len(session.album) - 1))
+    return removed
+
+
 def set_category(session: Session, name: str) -> Session:
     """The active object's category (its class in the COCO and YOLO exports); empty = the default."""
     name = " ".join(str(name).split())

@@ -92,12 +92,12 @@ class Workflow:
         if index != session.current:
             self.persist(entry, session.current)
             st.switch_picture(session, index)
-            slot = session.album[index]
-            if session.picture.key is None:
-                key = self.routes.prefetcher.key(session.id, slot.id, session.model)
-                if key and _embedded(self.routes.backend, session.model, key):
-                    session.picture = slot.picture = _with_key(session.picture, key)
             self.routes._clear_downloads(entry)
+        slot = session.album[index]
+        if session.picture.key is None:  # the prefetch's key, if the embedding is still cached
+            key = self.routes.prefetcher.key(session.id, slot.id, session.model)
+            if key and _embedded(self.routes.backend, session.model, key):
+                session.picture = slot.picture = _with_key(session.picture, key)
         self.routes.want_next(entry)
         picture = session.picture
         if session.prompted():
@@ -107,6 +107,22 @@ class Workflow:
             return self.routes.view(entry, preview, f"Picture {index + 1} of {len(session.album)} · {status}")
         ready = "ready" if picture.key else "computing its embedding"
         return self.routes.view(entry, None, f"Picture {index + 1} of {len(session.album)}: {picture.name} — {ready}.")
+
+    def remove(self, entry: Entry, index: int) -> dict[str, Any]:
+        """Take picture `index` out of the session with its files; the view of the picture then on screen."""
+        session = entry.session
+        if not 0 <= index < len(session.album):
+            raise LookupError(index)
+        shown = session.current
+        removed = st.remove_picture(session, index)
+        self.routes._forget(entry, removed)
+        if index == shown:
+            self.routes._clear_downloads(entry)
+        else:
+            st.changed(session)
+        view = self.switch(entry, session.current)
+        view["status"] = f"Removed {removed.picture.name} · {view['status']}"
+        return view
 
     # ---- each picture's result on disk ------------------------------------------------------------
 
@@ -306,6 +322,18 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
         def work(entry: Entry) -> Response:
             try:
                 return JSONResponse(flow.switch(entry, index))
+            except LookupError:
+                return error(404, "This page has no such picture.", "no_such_picture")
+
+        return await guarded(sid, work, request)
+
+    @router.delete("/session/{sid}/pictures/{index}")
+    async def remove(sid: str, index: int, request: Request) -> Response:
+        def work(entry: Entry) -> Response:
+            if entry.exporting:
+                return error(409, "An export of this page is being prepared: remove the picture after it.", "busy")
+            try:
+                return JSONResponse(flow.remove(entry, index))
             except LookupError:
                 return error(404, "This page has no such picture.", "no_such_picture")
 

@@ -82,9 +82,10 @@
             S.queue.splice(1, 0, { op: "embed" });  // next, before any click made meanwhile
           }
           refreshStrip();
-        } else if (item.op === "switch") {
-          setStatus("Opening picture " + (item.index + 1) + "…");
-          const view = await call("/ui/session/" + S.session + "/pictures/" + item.index, { method: "POST" });
+        } else if (item.op === "switch" || item.op === "remove") {
+          if (item.op === "switch") setStatus("Opening picture " + (item.index + 1) + "…");
+          const view = await call("/ui/session/" + S.session + "/pictures/" + item.index, { method: item.op === "switch" ? "POST" : "DELETE" });
+          if (item.op === "remove") root.querySelectorAll("#strip .strip-item").forEach((node) => node.remove());
           await showPicture(view);
           apply(view);
           if (!view.picture.embedded) S.queue.splice(1, 0, { op: "embed" });
@@ -739,6 +740,10 @@
   };
   $("prev-picture").addEventListener("click", () => step(-1));
   $("next-picture").addEventListener("click", () => step(1));
+  $("remove-picture").addEventListener("click", () => {
+    if (S.album.count < 2 || S.queue.some((q) => q.op === "switch" || q.op === "remove")) return;
+    if (window.confirm("Remove this picture and its objects from the page? This cannot be undone.")) enqueue({ op: "remove", index: S.album.current });
+  });
 
   // ---- the object's category (its class in the COCO and YOLO exports) -----------------------------
   function renderCategory() {
