@@ -23,7 +23,6 @@ import argparse
 import io
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -52,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--picture", help="a picture file (default: assets/coffee.jpg resized to 1500x1000)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--clicks", type=int, default=6, help="another visitor's clicks, idle and during a prefetch")
+    parser.add_argument(
+        "--clicks", type=int, default=6, help="another visitor's clicks, idle and during a prefetch (0: skip)"
+    )
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="skip the warm-up rep (a loaded machine; biases 'with')"
+    )
     args = parser.parse_args(argv)
 
     import shutil
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 return first_mask, labeled
 
             labeling: dict[str, float] = {}
-            next_picture(True)  # warm-up: first-call overheads out of the figures
+            if not args.no_warmup:
+                next_picture(True)  # warm-up: first-call overheads out of the figures
             rows: dict[str, list[float]] = {"with prefetch": [], "without prefetch": []}
             for _ in range(args.reps):
                 seconds, labeled = next_picture(True)
@@ -126,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             prefetcher.want = want
 
             # another visitor's warm clicks, idle and while a prefetch runs
-            other = session(1)
-            op(other, {"op": "embed"})
-            op(other, centre)
+            idle: list[float] = []
+            during: list[float] = []
+            other = session(1) if args.clicks else None
 
             def clicks() -> list[float]:
                 times = []
@@ -139,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                     op(other, {"op": "undo"})
                 return times
 
-            idle = clicks()
-            busy_sid = session(2)
-            done = threading.Event()
-            op(busy_sid, {"op": "embed"})  # its listing's next picture is now being prefetched
-            while prefetcher.running(busy_sid) is None and not ready(busy_sid, 1):
-                time.sleep(0.005)
-            during = clicks() if not ready(busy_sid, 1) else []
-            done.set()
+            if other is not None:
+                op(other, {"op": "embed"})
+                op(other, centre)
+                idle = clicks()
+                busy_sid = session(2)
+                op(busy_sid, {"op": "embed"})  # its listing's next picture is now being prefetched
+                while prefetcher.running(busy_sid) is None and not ready(busy_sid, 1):
+                    time.sleep(0.005)
+                during = clicks() if not ready(busy_sid, 1) else []
 
         def median_ms(values: list[float]) -> str:
             return f"{statistics.median(values) * 1e3:.0f} ms" if values else "n/a"

@@ -294,9 +294,9 @@ class PageRoutes:
         if show or not add:
             self._clear_downloads(entry)
         self.want_next(entry)
-        give_memory_back()
-        if add and not show:
+        if add and not show:  # a batch's next picture: no full collection (~1 s here) per file of the batch
             return self.view(entry, None, f"Added {picture.name} ({len(session.album)} pictures).")
+        give_memory_back()
         return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
 
     @staticmethod
