@@ -278,7 +278,7 @@ class PageRoutes:
         del rgb
         workflow.write_previews(small, workflow.folder(entry.folder, slot_id))
         picture = st.Picture(
-            name=self._unique_name(session, _safe_name(name)),
+            name=self._unique_name(session, _safe_name(name), None if add else session.current),
             width=width,
             height=height,
             preview=preview,
@@ -300,9 +300,10 @@ class PageRoutes:
         return self.view(entry, None, f"Picture {width}×{height} — computing the embedding; clicks are kept meanwhile.")
 
     @staticmethod
-    def _unique_name(session: st.Session, name: str) -> str:
-        """File names are unique within a session (each names its files in an export): "a.jpg", "a-2.jpg"…"""
-        taken = {slot.picture.name for slot in session.album}
+    def _unique_name(session: st.Session, name: str, replacing: int | None) -> str:
+        """File names are unique within a session (each names its files in an export): "a.jpg", "a-2.jpg"…
+        (the picture being replaced gives its name up)."""
+        taken = {slot.picture.name for i, slot in enumerate(session.album) if i != replacing}
         if name not in taken:
             return name
         stem, dot, suffix = name.rpartition(".")
