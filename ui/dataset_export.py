@@ -10,7 +10,9 @@ The zip (`write_dataset_zip`), for pictures `a.jpg` (objects 1, 2 and 4: Object 
     objects/a/object_1.png              one full-size mask per object, 1-bit: 1 inside, 0 outside
     objects/a/object_2.png
     objects/a/object_4.png
-    objects/a/objects.json              the picture's objects: number, category, score, area, box, RLE, polygons
+    objects/a/objects.json              the picture's objects: value (number), category, score, area,
+                                        bbox [x0, y0, x1, y1] (inclusive, as the page's objects.json), RLE,
+                                        polygons, file; "empty": numbers of objects without pixels
     labels/a.txt                        YOLO segmentation: one line per object, in number order
     annotations/instances_rle.json      COCO instances of every picture, masks as compressed RLE (exact)
     annotations/instances_polygons.json the same annotations, masks as polygons
@@ -172,8 +174,7 @@ class _Shape:
 
     obj: ExportObject
     region: export.Region
-    crop: np.ndarray  # bool, the object's bounding box
-    rings: list[np.ndarray]  # COCO-frame outlines, (n, 2) each
+    rings: list[np.ndarray]  # COCO-frame outlines, (n, 2) each (its mask is not kept: see _crop)
 
 
 def _check_picture(picture: ExportPicture) -> None:
@@ -204,12 +205,18 @@ def _shapes(picture: ExportPicture, check: Callable[[], None]) -> list[_Shape]:
         check()
         region = regions[number]
         x0, y0, x1, y1 = region.bbox
-        crop = picture.label_map[y0 : y1 + 1, x0 : x1 + 1] == number
-        outlines = export.rings(crop, origin=(x0, y0))
+        outlines = export.rings(_crop(picture, region), origin=(x0, y0))
         if not outlines:  # cannot happen (a pixel traces to a diamond); its box then, never nothing
             outlines = [np.array([[x0, y0], [x1 + 1, y0], [x1 + 1, y1 + 1], [x0, y1 + 1]], dtype=np.float64)]
-        shapes.append(_Shape(by_number[number], region, crop, outlines))
+        shapes.append(_Shape(by_number[number], region, outlines))
     return shapes
+
+
+def _crop(picture: ExportPicture, region: export.Region) -> np.ndarray:
+    """The object's mask on its box, made when needed: kept for every object, boxes of large overlapping
+    objects would hold many times the picture."""
+    x0, y0, x1, y1 = region.bbox
+    return picture.label_map[y0 : y1 + 1, x0 : x1 + 1] == region.value
 
 
 def _label_png(picture: ExportPicture) -> bytes:
@@ -220,7 +227,7 @@ def _label_png(picture: ExportPicture) -> bytes:
 
 def _object_png(picture: ExportPicture, shape: _Shape) -> bytes:
     x0, y0, _, _ = shape.region.bbox
-    return encode_bit_png(picture.height, picture.width, shape.crop, y0, x0)
+    return encode_bit_png(picture.height, picture.width, _crop(picture, shape.region), y0, x0)
 
 
 def _flat(ring: np.ndarray) -> list[float]:
