@@ -267,6 +267,8 @@ def test_limits_stop_the_export_and_leave_no_zip(tmp_path):
         handle.write(b"x" * 10)  # the zip need not start the file
         on_disk = write_dataset_zip(pictures[:1], handle, max_bytes=50_000_000, deadline_s=60)
     assert on_disk.bytes == (tmp_path / "d.zip").stat().st_size - 10
+    with zipfile.ZipFile(tmp_path / "d.zip") as written:
+        assert written.testzip() is None and "masks/p0.png" in written.namelist()
 
 
 def test_bad_pictures_are_refused_in_words():

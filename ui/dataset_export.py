@@ -205,7 +205,8 @@ def _shapes(picture: ExportPicture, check: Callable[[], None]) -> list[_Shape]:
         check()
         region = regions[number]
         x0, y0, x1, y1 = region.bbox
-        outlines = export.rings(_crop(picture, region), origin=(x0, y0))
+        # COCO readers take a 4-number polygon for a box: only rings of 3 corners or more are written
+        outlines = [ring for ring in export.rings(_crop(picture, region), origin=(x0, y0)) if len(ring) >= 3]
         if not outlines:  # cannot happen (a pixel traces to a diamond); its box then, never nothing
             outlines = [np.array([[x0, y0], [x1 + 1, y0], [x1 + 1, y1 + 1], [x0, y1 + 1]], dtype=np.float64)]
         shapes.append(_Shape(by_number[number], region, outlines))
