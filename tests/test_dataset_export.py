@@ -309,3 +309,30 @@ def test_a_speckled_object_of_a_thousand_parts_still_reads_back(tmp_path):
     assert (drawn != _holes_filled(mask)).sum() <= 0.01 * mask.sum()
     (line,) = _read_yolo(files["labels/s.txt"].decode(), 150, 120)
     assert drawn[mask].mean() >= 0.99 and line[1][mask].mean() >= 0.99
+
+
+def test_a_lazy_sequence_of_pictures_is_read_one_at_a_time():
+    """The session's export hands a sequence that reads each picture's map when asked: the writer asks for
+    each once, in order, and has let go of the previous map by then (200 maps never sit in memory together)."""
+    import weakref
+    from collections.abc import Sequence
+
+    class Lazy(Sequence):
+        def __init__(self):
+            self.asked: list[int] = []
+            self.previous = None
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            assert self.previous is None or self.previous() is None, "the previous map is still held"
+            self.asked.append(index)
+            labels = _scene()
+            self.previous = weakref.ref(labels)
+            return _picture(f"p{index}.png", labels)
+
+    lazy = Lazy()
+    archive, summary = _zip(lazy)
+    assert lazy.asked == [0, 1, 2] and summary.pictures == 3
+    assert yaml.safe_load(archive.read("data.yaml"))["names"] == {0: "cat", 1: "dog", 2: "bird"}

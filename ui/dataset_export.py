@@ -151,16 +151,17 @@ def safe_suffix(name: str) -> str:
 def unique_stems(names: Sequence[str]) -> list[str]:
     """One stem per name, in order; a stem already taken (ignoring case) gets -2, -3, ..."""
     taken: set[str] = set()
-    stems = []
-    for name in names:
-        stem = base = safe_stem(name)
-        count = 1
-        while stem.casefold() in taken:
-            count += 1
-            stem = f"{base}-{count}"
-        taken.add(stem.casefold())
-        stems.append(stem)
-    return stems
+    return [_unique_stem(name, taken) for name in names]
+
+
+def _unique_stem(name: str, taken: set[str]) -> str:
+    stem = base = safe_stem(name)
+    count = 1
+    while stem.casefold() in taken:
+        count += 1
+        stem = f"{base}-{count}"
+    taken.add(stem.casefold())
+    return stem
 
 
 def _image_suffix(picture: ExportPicture) -> str:
@@ -332,9 +333,10 @@ def _picture_files(
     yield f"labels/{stem}.txt", _yolo_text(picture, shapes, classes)
 
 
-def _categories(pictures: Sequence[ExportPicture]) -> dict[str, int]:
-    """Category name -> YOLO class (0-based), in order of first appearance (pictures in order, by number)."""
-    classes: dict[str, int] = {}
+def _categories(pictures: Sequence[ExportPicture], classes: dict[str, int] | None = None) -> dict[str, int]:
+    """Category name -> YOLO class (0-based), in order of first appearance (pictures in order, by number).
+    Given `classes`, the pictures' new categories are added to it: a picture's ids never depend on later ones."""
+    classes = {} if classes is None else classes
     for picture in pictures:
         for obj in sorted(picture.objects, key=lambda o: o.number):
             classes.setdefault(obj.category.strip(), len(classes))
@@ -482,7 +484,9 @@ def write_dataset_zip(
     max_bytes: int,
     deadline_s: float,
 ) -> ExportSummary:
-    """Write the whole data set (layout in the module docstring) into `out`, picture by picture.
+    """Write the whole data set (layout in the module docstring) into `out`, picture by picture: each
+    picture is taken from `pictures` when its turn comes and let go after (a lazy sequence that reads a
+    picture's map in __getitem__ holds one map at a time); only the COCO annotations accumulate.
 
     Raises ExportTooLarge when the zip would pass `max_bytes`, and ExportTooSlow when writing takes
     longer than `deadline_s` seconds from this call; `out` then holds an unfinished zip the caller
@@ -498,20 +502,20 @@ def write_dataset_zip(
                 deadline_s,
             )
 
-    pictures = [_stripped(p) for p in pictures]
-    for picture in pictures:
-        _check_picture(picture)
-    classes = _categories(pictures)
-    stems = unique_stems([p.name for p in pictures])
+    classes: dict[str, int] = {}
+    taken: set[str] = set()
     writer = _CountingWriter(out, max_bytes)
     entries: list[dict[str, Any]] = []
     objects = 0
     archive = zipfile.ZipFile(writer, "w", zipfile.ZIP_DEFLATED, compresslevel=6)  # type: ignore[arg-type]
     try:
         _add(archive, "README.txt", _README.encode())
-        for picture, stem in zip(pictures, stems):
+        for index in range(len(pictures)):  # one at a time: a lazy sequence reads each map only here
             check()
+            picture = _stripped(pictures[index])
+            stem = _unique_stem(picture.name, taken)
             shapes = _shapes(picture, check)
+            _categories([picture], classes)
             image_name = f"{stem}{_image_suffix(picture)}"
             if picture.image_path is not None:
                 _copy_image(archive, f"images/{image_name}", Path(picture.image_path), check)
@@ -541,7 +545,7 @@ def write_dataset_zip(
                     ],
                 }
             )
-            del shapes
+            del shapes, picture
         check()
         rle_doc, polygon_doc = _coco_documents(entries, classes)
         _add(archive, "annotations/instances_rle.json", json.dumps(rle_doc).encode())
@@ -555,7 +559,7 @@ def write_dataset_zip(
         writer.dead = True
         archive.fp = None  # so neither close() nor the garbage collector writes a central directory
         raise
-    return ExportSummary(pictures=len(pictures), objects=objects, bytes=writer.size)
+    return ExportSummary(pictures=len(entries), objects=objects, bytes=writer.size)
 
 
 def _add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
