@@ -497,7 +497,7 @@ def write_dataset_zip(
     def check() -> None:
         if time.monotonic() - started > deadline_s:
             raise ExportTooSlow(
-                f"This export took longer than {deadline_s:g} seconds, the most one export may take. "
+                f"This export took longer than {max(deadline_s, 0):.3g} seconds, the most one export may take. "
                 "Export fewer pictures at a time.",
                 deadline_s,
             )
