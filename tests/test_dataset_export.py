@@ -270,6 +270,24 @@ def test_limits_stop_the_export_and_leave_no_zip(tmp_path):
     with zipfile.ZipFile(tmp_path / "d.zip") as written:
         assert written.testzip() is None and "masks/p0.png" in written.namelist()
 
+    class Stream(io.RawIOBase):  # a response body: written once, front to back
+        def __init__(self):
+            self.data = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, chunk):
+            self.data += chunk
+            return len(chunk)
+
+    stream = Stream()
+    streamed = write_dataset_zip(pictures, stream, max_bytes=50_000_000, deadline_s=60)
+    with zipfile.ZipFile(io.BytesIO(bytes(stream.data))) as written:
+        assert written.testzip() is None and streamed.bytes == len(stream.data) and streamed.pictures == 3
+    with pytest.raises(ExportTooLarge):
+        write_dataset_zip(pictures, Stream(), max_bytes=5_000, deadline_s=60)
+
 
 def test_bad_pictures_are_refused_in_words():
     with pytest.raises(ValueError, match="values \\[6\\] that no object has"):
