@@ -354,3 +354,16 @@ def test_a_lazy_sequence_of_pictures_is_read_one_at_a_time():
     archive, summary = _zip(lazy)
     assert lazy.asked == [0, 1, 2] and summary.pictures == 3
     assert yaml.safe_load(archive.read("data.yaml"))["names"] == {0: "cat", 1: "dog", 2: "bird"}
+
+
+def test_an_object_of_many_parts_is_one_yolo_line_with_short_bridges():
+    """A block and ~170 specks around it: each speck is bridged to its nearest joined part, so the one line
+    covers every pixel and the bridges add a few percent (bridged each to the block: over 10%)."""
+    rng = np.random.default_rng(1)
+    labels = (rng.random((200, 250)) < 0.004).astype(np.uint8)
+    labels[60:140, 80:170] = 1
+    mask = labels == 1
+    files = picture_files(_picture("m.png", labels, [ExportObject(1, "parts", None)]))
+    (line,) = _read_yolo(files["labels/m.txt"].decode(), 250, 200)
+    drawn = line[1]
+    assert drawn[mask].all() and (drawn & ~mask).sum() <= 0.06 * mask.sum()

@@ -37,10 +37,11 @@ object of several parts has one polygon per part, and one per hole (which COCO's
 YOLO (Ultralytics segmentation format): `class x1 y1 x2 y2 ...`, coordinates divided by the picture's
 width and height. One line per object, whatever its shape: its rings (parts and holes) are joined into
 one outline by zero-width bridges, traced there and back, as Ultralytics' own COCO converter joins an
-object's polygons. Filled with the even-odd rule (OpenCV's fillPoly, Pillow's polygon) the outline
-gives the object's parts with their holes; each bridge adds at most a one-pixel line (an object of a
-few parts: a few pixels; a speckled one of hundreds of scattered specks: many, and the RLE file is the
-exact one for it). A line per part would make each part an instance of its own, and the largest part
+object's polygons; each ring is bridged to the nearest ring already joined, so bridges stay short.
+Filled with the even-odd rule (OpenCV's fillPoly, Pillow's polygon) the outline gives the object's
+parts with their holes; each bridge adds at most a one-pixel line (an object of a few parts: a few
+pixels; a speckled one of hundreds of scattered specks: more, and past 400 rings every ring is bridged
+to the largest; the RLE file is the exact one for such objects). A line per part would make each part an instance of its own, and the largest part
 alone would lose the others. A
 picture with no objects gets an empty .txt file (a background picture, as Ultralytics expects).
 Categories get ids in order of first appearance (pictures in order, objects by number): COCO category
@@ -238,12 +239,72 @@ def _flat(ring: np.ndarray) -> list[float]:
     return ring.reshape(-1).tolist()  # corners are on the half-pixel grid: exact, nothing to round
 
 
+# Past this many rings an object's YOLO outline bridges every ring to the largest (vectorised) rather than
+# each to its nearest ring already joined (a loop over rings, each against the joined rings' corners).
+_TREE_RINGS = 400
+_MAIN_SAMPLES, _RING_SAMPLES = 256, 16  # corners of the largest ring / of each other ring that bridges may use
+
+
 def _yolo_outline(rings: list[np.ndarray]) -> np.ndarray:
-    """The rings as one closed outline: the largest first; each other ring is reached by a bridge from the
-    nearest of (up to 512 sampled) corners of the largest, traced all round and left by the same bridge
-    (there and back, so the bridge encloses nothing). A small ring (a speck, a small part) starts at its
-    first corner; a large one at its corner nearest the largest ring. Vectorised over the small rings: a
-    speckled object has 100 000 of them."""
+    """The rings as one closed outline, through zero-width bridges each traced there and back.
+
+    The largest ring comes first; the others join in order of their distance to it, each bridged from its
+    nearest corner to the nearest corner of a ring already joined (of up to 256 sampled corners of the
+    largest and 16 of each other), so a cluster of parts is linked part to part, not each to the far
+    largest one. The outline walks this tree: round each ring, and at a corner where another ring hangs,
+    round that one and back."""
+    if len(rings) == 1:
+        return rings[0]
+    if len(rings) > _TREE_RINGS:
+        return _outline_to_largest(rings)
+    rings = sorted(rings, key=len, reverse=True)
+    samples = [np.arange(0, len(r), max(1, len(r) // (_RING_SAMPLES if k else _MAIN_SAMPLES))) for k, r in enumerate(rings)]
+    corners = [r[picked] for r, picked in zip(rings, samples)]
+    distance = [0.0] + [
+        float(((own[:, None, :] - corners[0][None, :, :]) ** 2).sum(axis=2).min()) for own in corners[1:]
+    ]
+    total = sum(len(picked) for picked in samples)
+    xs, ys = np.empty(total), np.empty(total)  # the joined rings' sampled corners, x and y apart (fast sums)
+    owner = np.empty(total, dtype=np.int64)
+    index = np.empty(total, dtype=np.int64)
+    filled = len(samples[0])
+    xs[:filled], ys[:filled], owner[:filled], index[:filled] = corners[0][:, 0], corners[0][:, 1], 0, samples[0]
+    hanging: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (ring, corner) -> [(ring, its start corner)]
+    for k in sorted(range(1, len(rings)), key=lambda k: distance[k]):
+        own = corners[k]
+        gaps = (own[:, 0, None] - xs[None, :filled]) ** 2 + (own[:, 1, None] - ys[None, :filled]) ** 2
+        i, j = np.unravel_index(int(np.argmin(gaps)), gaps.shape)
+        hanging.setdefault((int(owner[j]), int(index[j])), []).append((k, int(samples[k][i])))
+        count = len(samples[k])
+        xs[filled : filled + count], ys[filled : filled + count] = own[:, 0], own[:, 1]
+        owner[filled : filled + count], index[filled : filled + count] = k, samples[k]
+        filled += count
+    pieces: list[np.ndarray] = []
+    # an explicit stack (the tree may be deep): ("ring", ring, start corner, corners walked) or ("point", ring, corner)
+    stack: list[tuple[str, int, int, int]] = [("ring", 0, 0, 0)]
+    while stack:
+        kind, ring, start, walked = stack.pop()
+        if kind == "point":  # back over a bridge to the corner it left from
+            pieces.append(rings[ring][start : start + 1])
+            continue
+        size = len(rings[ring])
+        if walked == size:  # round: back to the start corner (the largest ring closes by itself)
+            if ring != 0:
+                pieces.append(rings[ring][start : start + 1])
+            continue
+        corner = (start + walked) % size
+        pieces.append(rings[ring][corner : corner + 1])
+        stack.append(("ring", ring, start, walked + 1))
+        for child, child_start in reversed(hanging.get((ring, corner), [])):
+            stack.append(("point", ring, corner, 0))
+            stack.append(("ring", child, child_start, 0))
+    return np.concatenate(pieces)
+
+
+def _outline_to_largest(rings: list[np.ndarray]) -> np.ndarray:
+    """`_yolo_outline` for very many rings: every ring bridged to the largest (from the nearest of up to
+    512 sampled corners of it), vectorised over the small rings: a speckled object has 100 000 of them.
+    A small ring (a speck) starts at its first corner; a large one at its corner nearest the largest."""
     rings = sorted(rings, key=len, reverse=True)
     main = rings[0]
     others = rings[1:]
