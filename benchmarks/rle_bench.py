@@ -1,10 +1,13 @@
-"""COCO RLE of every object of a label map: this repository's encoder against pycocotools, side by side.
+"""COCO RLE of every object of a label map: this repository's encoder against pycocotools, side by side;
+then what the whole data set zip (ui/dataset_export.py) costs a picture.
 
-    python benchmarks/rle_bench.py                       # 2000x1500, 20 objects
-    python benchmarks/rle_bench.py --size 5472x3648 --objects 60 --reps 9
+    python benchmarks/rle_bench.py                       # 2000x1500, 20 objects, a 10-picture zip
+    python benchmarks/rle_bench.py --size 5472x3648 --objects 60 --reps 9 --pictures 3
 
-Both produce the RLE, area and bbox of each object value of one label map (what a COCO annotation needs);
-the answers are checked equal before timing. Reps alternate between the two, medians and the ratio print.
+Both encoders produce the RLE, area and bbox of each object value of one label map (what a COCO
+annotation needs); the answers are checked equal before timing. Reps alternate between them; medians
+and ratios print. The zip holds --pictures copies of the map (no uploaded pictures: those are copied
+as they are), written to memory.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--size", default="2000x1500")
     parser.add_argument("--objects", type=int, default=20)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--pictures", type=int, default=10)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     labels = label_map(width, height, args.objects)
@@ -90,6 +94,25 @@ def main() -> None:
     print(f"{width}x{height}, {args.objects} objects, {args.reps} reps (RLE + area + bbox of every object)")
     for name, ms in medians.items():
         print(f"  {name:24s} median {ms:7.1f} ms   ({ms / medians['ours']:.2f} x ours)")
+    zip_figures(labels, args.objects, args.pictures)
+
+
+def zip_figures(labels: np.ndarray, objects: int, count: int) -> None:
+    import io
+
+    from ui.dataset_export import ExportObject, ExportPicture, write_dataset_zip
+
+    height, width = labels.shape
+    numbers = tuple(ExportObject(n, "object", 0.9) for n in range(1, objects + 1))
+    pictures = [ExportPicture(f"p{k}.jpg", width, height, labels, numbers, None) for k in range(count)]
+    out = io.BytesIO()
+    start = time.perf_counter()
+    summary = write_dataset_zip(pictures, out, max_bytes=1 << 40, deadline_s=3600)
+    seconds = time.perf_counter() - start
+    print(
+        f"data set zip, {count} pictures: {seconds:.2f} s ({seconds / count * 1000:.0f} ms a picture), "
+        f"{summary.bytes / 1e6:.1f} MB, {summary.objects} objects"
+    )
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class ObjectResult:
     bbox: tuple[int, int, int, int] | None  # x0, y0, x1, y1 inclusive
     candidate: int = 0  # which of the object's ranked candidates this map uses
     candidates: int = 1  # how many distinct candidates the object has (3 for one point, else 1)
+    point: tuple[float, float] | None = None  # segment everything: the grid point whose mask this is
 
 
 @dataclass(frozen=True)

@@ -191,25 +191,49 @@ def rings(mask: np.ndarray, strip_points: int = STRIP_POINTS, *, origin: tuple[i
     top, left = int(rows[0]), int(cols[0])
     crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
     shift = (left + origin[0] - 0.5, top + origin[1] - 0.5)  # undo the padding and the crop; pixel centres at +0.5
-    result = []
-    for line in _trace(crop, strip_points):
-        corners = _corners(np.asarray(line, dtype=np.float64))
-        if len(corners):
-            result.append(corners + shift)
-    return result
+    return [ring + shift for ring in _corners(_trace(crop, strip_points))]
 
 
-def _corners(line: np.ndarray) -> np.ndarray:
-    """A closed line's points without the repeated last one, repeated points or points on a straight run."""
-    if len(line) > 1 and (line[0] == line[-1]).all():
-        line = line[:-1]
-    line = line[(line != np.roll(line, 1, axis=0)).any(axis=1)] if len(line) > 1 else line
-    if len(line) < 3:
-        return line
-    before = line - np.roll(line, 1, axis=0)
-    after = np.roll(line, -1, axis=0) - line
-    turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]  # exact: the points are on a half-pixel grid
-    return line[turn != 0]
+def _corners(lines: list[np.ndarray]) -> list[np.ndarray]:
+    """Closed lines as their corners: no repeated last point, no repeated point, no point on a straight run;
+    rings left with fewer than 3 corners go. All lines at once: a speckled mask has 100 000 of them."""
+    lengths = np.array([len(line) for line in lines], dtype=np.int64)
+    if not lengths.any():
+        return []
+    points = np.concatenate(lines).astype(np.float64, copy=False)
+    lengths = lengths[lengths > 0]
+    starts = _starts(lengths)
+    ends = starts + lengths - 1
+    keep = np.ones(len(points), dtype=bool)
+    keep[ends[(lengths > 1) & (points[starts] == points[ends]).all(axis=1)]] = False  # the closing repeat
+    points, lengths = _kept(points, lengths, keep)
+    before = points - _neighbours(points, lengths, -1)
+    points, lengths = _kept(points, lengths, (before != 0).any(axis=1))
+    before = points - _neighbours(points, lengths, -1)
+    after = _neighbours(points, lengths, 1) - points
+    turns = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0  # exact: points on the half-pixel grid
+    points, lengths = _kept(points, lengths, turns)
+    return [ring for ring in np.split(points, np.cumsum(lengths)[:-1]) if len(ring) >= 3]
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def _neighbours(points: np.ndarray, lengths: np.ndarray, step: int) -> np.ndarray:
+    """Each point's neighbour `step` along its own ring (rings are closed: the last one's next is the first)."""
+    starts = _starts(lengths)
+    ring = np.repeat(np.arange(len(lengths)), lengths)
+    place = np.arange(len(points)) - starts[ring]
+    return points[starts[ring] + (place + step) % lengths[ring]]
+
+
+def _kept(points: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points kept, and the rings' new lengths (rings left empty go)."""
+    if not len(lengths):
+        return points, lengths
+    counts = np.add.reduceat(keep.astype(np.int64), _starts(lengths))
+    return points[keep], counts[counts > 0]
 
 
 def _trace(crop: np.ndarray, strip_points: int) -> list[np.ndarray]:

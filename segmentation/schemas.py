@@ -96,6 +96,12 @@ class Segment(BaseModel):
     score: float = Field(description="Predicted IoU of the object's mask.")
     area: int = Field(description="Pixels carrying this value.")
     bbox: list[int] | None = Field(description="[x0, y0, x1, y1], inclusive; null when the object got no pixel.")
+    point: list[float] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,  # absent from prompt answers: their wire format is unchanged
+        description="segment_everything only: the grid point [x, y] (picture pixels) whose mask this is; a "
+        "prompt of that one point (label 1, n=1) gives the same mask, to refine it with more points or a box.",
+    )
 
 
 def decode_mask_png(b64_png: str) -> np.ndarray:
@@ -187,7 +193,13 @@ def build_response(result: Any, created: int | None = None) -> SegmentationRespo
             label=None,
             score=candidate.score,
             segments=[
-                Segment(value=o.value, score=o.score, area=o.area, bbox=list(o.bbox) if o.bbox else None)
+                Segment(
+                    value=o.value,
+                    score=o.score,
+                    area=o.area,
+                    bbox=list(o.bbox) if o.bbox else None,
+                    point=list(o.point) if getattr(o, "point", None) is not None else None,
+                )
                 for o in candidate.objects
             ],
         )

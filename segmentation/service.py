@@ -229,7 +229,8 @@ def _resized(label_map: LabelMap, width: int, height: int) -> LabelMap:
     labels = resize_nearest(label_map.labels, width, height)
     stats = object_stats(labels, len(label_map.objects))
     objects = tuple(
-        ObjectResult(value=s.value, score=o.score, area=s.area, bbox=s.bbox) for s, o in zip(stats, label_map.objects)
+        ObjectResult(value=s.value, score=o.score, area=s.area, bbox=s.bbox, point=o.point)
+        for s, o in zip(stats, label_map.objects)
     )
     return LabelMap(labels, objects)
 
@@ -395,7 +396,13 @@ def everything_result(
     else:
         labels = np.zeros((height, width), dtype=np.uint8)
     objects = tuple(
-        ObjectResult(value=s.value, score=found.masks[s.value - 1].score, area=s.area, bbox=s.bbox)
+        ObjectResult(
+            value=s.value,
+            score=found.masks[s.value - 1].score,
+            area=s.area,
+            bbox=s.bbox,
+            point=tuple(float(v) for v in found.masks[s.value - 1].point),
+        )
         for s in object_stats(labels, count)
     )
     label_map = LabelMap(labels, objects)

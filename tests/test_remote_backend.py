@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 
 import httpx
+import numpy as np
 import pytest
 from conftest import HQ_ID, make_picture
 from live_server import LiveServer, free_port
 from PIL import Image
 
 import app
+from segmentation import everything as everything_module
 from segmentation import service
 from segmentation.settings import Settings
 
@@ -126,6 +130,78 @@ def test_the_page_segments_through_the_remote_api_and_holds_no_model(backend, pa
         bad = client.post(f"/ui/session/{sid}/op", json={"op": "box", "x0": 5, "y0": 5, "x1": 5, "y1": 90})
         assert bad.status_code == 400 and "area" in bad.json()["error"]["message"]
     assert page.built == [], "the page process never built a model registry"
+
+
+EVERYTHING = {"points_per_side": 5, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.05, "box_nms_thresh": 1.0}
+
+
+def _until(client, sid, done, seconds=120.0) -> dict:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        status = client.get(f"/ui/session/{sid}/everything").json()
+        if done(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last status {status}")
+
+
+def test_everything_through_the_remote_api_becomes_page_objects_and_cancel_drops_it(backend, page, monkeypatch):
+    """The remote runs segment_everything in one request (no batches: total 0, the page's bar has no value);
+    its answer names each object's grid point, which becomes a one-point page object, as with a local model."""
+    picture = png_bytes(seed=8)
+    with httpx.Client(base_url=page.url, timeout=120) as client, httpx.Client(base_url=backend.url, timeout=120) as api:
+        sid = client.post("/ui/session").json()["session"]
+        assert client.post(f"/ui/session/{sid}/picture", content=picture).status_code == 200
+        started = client.post(f"/ui/session/{sid}/everything", json=EVERYTHING).json()
+        assert started["state"] == "running" and started["total"] == 0
+        assert _until(client, sid, lambda s: s["state"] != "running")["state"] == "finished"
+        view = client.post(f"/ui/session/{sid}/everything/apply").json()
+        width, height = view["picture"]["preview"]
+        direct = api.post(
+            "/v1/images/segmentations",
+            json={
+                "model": HQ_ID,
+                "image_prompt": base64.b64encode(picture).decode(),
+                "segment_everything": EVERYTHING,
+                "size": f"{width}x{height}",
+            },
+        ).json()
+        segments = direct["data"][0]["segments"]
+        assert len(segments) >= 2 and all(len(s["point"]) == 2 for s in segments)
+        assert [o["points"] for o in view["objects"]] == [[s["point"]] for s in segments]  # exact, best first
+        assert all(o["labels"] == [1] for o in view["objects"]) and "Everything found" in view["status"]
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(view["map"]))))
+        expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(direct["data"][0]["b64_json"]))))
+        assert np.mean(shown == expected) >= 0.99  # the page's decode of each point gives the generator's masks
+        plain = api.post(  # a prompt's answer keeps its wire format: no point
+            "/v1/images/segmentations",
+            json={"model": HQ_ID, "image_prompt": base64.b64encode(picture).decode(), "segment_prompt": [[[9, 9]]]},
+        ).json()
+        assert "point" not in plain["data"][0]["segments"][0]
+
+        # Cancel drops the request at once (the remote is held mid-request meanwhile, so the run is surely in
+        # flight); the page starts no second run before the first request has ended.
+        released = threading.Event()
+        generate = everything_module.generate
+
+        def held(*args, **kwargs):
+            assert released.wait(60)
+            return generate(*args, **kwargs)
+
+        monkeypatch.setattr(everything_module, "generate", held)
+        assert client.post(f"/ui/session/{sid}/everything", json=EVERYTHING).json()["state"] == "running"
+        assert client.delete(f"/ui/session/{sid}/everything").json()["state"] == "cancelled"
+        assert client.post(f"/ui/session/{sid}/everything/apply").status_code == 400
+        again = client.post(f"/ui/session/{sid}/everything", json=EVERYTHING)
+        assert again.status_code == 400 and "not stopped yet" in again.json()["error"]["message"], again.text
+        released.set()
+        end = time.monotonic() + 120
+        while (again := client.post(f"/ui/session/{sid}/everything", json=EVERYTHING)).status_code != 200:
+            assert again.status_code == 400 and "not stopped yet" in again.json()["error"]["message"], again.text
+            assert time.monotonic() < end, "the cancelled request never ended"
+            time.sleep(0.05)
+        assert again.json()["state"] == "running"
+        _until(client, sid, lambda s: s["state"] != "running")  # not left running on the remote past this test
 
 
 def test_remote_failures_become_page_messages(backend):

@@ -10,7 +10,9 @@ The zip (`write_dataset_zip`), for pictures `a.jpg` (objects 1, 2 and 4: Object 
     objects/a/object_1.png              one full-size mask per object, 1-bit: 1 inside, 0 outside
     objects/a/object_2.png
     objects/a/object_4.png
-    objects/a/objects.json              the picture's objects: number, category, score, area, box, RLE, polygons
+    objects/a/objects.json              the picture's objects: value (number), category, score, area,
+                                        bbox [x0, y0, x1, y1] (inclusive, as the page's objects.json), RLE,
+                                        polygons, file; "empty": numbers of objects without pixels
     labels/a.txt                        YOLO segmentation: one line per object, in number order
     annotations/instances_rle.json      COCO instances of every picture, masks as compressed RLE (exact)
     annotations/instances_polygons.json the same annotations, masks as polygons
@@ -35,9 +37,12 @@ object of several parts has one polygon per part, and one per hole (which COCO's
 YOLO (Ultralytics segmentation format): `class x1 y1 x2 y2 ...`, coordinates divided by the picture's
 width and height. One line per object, whatever its shape: its rings (parts and holes) are joined into
 one outline by zero-width bridges, traced there and back, as Ultralytics' own COCO converter joins an
-object's polygons. Filled with the even-odd rule (OpenCV's fillPoly, Pillow's polygon) the outline
-gives the object's parts with their holes; the bridges add at most a one-pixel line. A line per part
-would make each part an instance of its own, and the largest part alone would lose the others. A
+object's polygons; each ring is bridged to the nearest ring already joined, so bridges stay short.
+Filled with the even-odd rule (OpenCV's fillPoly, Pillow's polygon) the outline gives the object's
+parts with their holes; each bridge adds at most a one-pixel line (an object of a few parts: a few
+pixels; a speckled one of hundreds of scattered specks: more, and past 400 rings every ring is bridged
+to the largest; the RLE file is the exact one for such objects). A line per part would make each part an instance of its own, and the largest part
+alone would lose the others. A
 picture with no objects gets an empty .txt file (a background picture, as Ultralytics expects).
 Categories get ids in order of first appearance (pictures in order, objects by number): COCO category
 id k + 1 is YOLO class k and data.yaml's names[k].
@@ -147,16 +152,17 @@ def safe_suffix(name: str) -> str:
 def unique_stems(names: Sequence[str]) -> list[str]:
     """One stem per name, in order; a stem already taken (ignoring case) gets -2, -3, ..."""
     taken: set[str] = set()
-    stems = []
-    for name in names:
-        stem = base = safe_stem(name)
-        count = 1
-        while stem.casefold() in taken:
-            count += 1
-            stem = f"{base}-{count}"
-        taken.add(stem.casefold())
-        stems.append(stem)
-    return stems
+    return [_unique_stem(name, taken) for name in names]
+
+
+def _unique_stem(name: str, taken: set[str]) -> str:
+    stem = base = safe_stem(name)
+    count = 1
+    while stem.casefold() in taken:
+        count += 1
+        stem = f"{base}-{count}"
+    taken.add(stem.casefold())
+    return stem
 
 
 def _image_suffix(picture: ExportPicture) -> str:
@@ -172,8 +178,7 @@ class _Shape:
 
     obj: ExportObject
     region: export.Region
-    crop: np.ndarray  # bool, the object's bounding box
-    rings: list[np.ndarray]  # COCO-frame outlines, (n, 2) each
+    rings: list[np.ndarray]  # COCO-frame outlines, (n, 2) each (its mask is not kept: see _crop)
 
 
 def _check_picture(picture: ExportPicture) -> None:
@@ -204,12 +209,19 @@ def _shapes(picture: ExportPicture, check: Callable[[], None]) -> list[_Shape]:
         check()
         region = regions[number]
         x0, y0, x1, y1 = region.bbox
-        crop = picture.label_map[y0 : y1 + 1, x0 : x1 + 1] == number
-        outlines = export.rings(crop, origin=(x0, y0))
+        # COCO readers take a 4-number polygon for a box: only rings of 3 corners or more are written
+        outlines = [ring for ring in export.rings(_crop(picture, region), origin=(x0, y0)) if len(ring) >= 3]
         if not outlines:  # cannot happen (a pixel traces to a diamond); its box then, never nothing
             outlines = [np.array([[x0, y0], [x1 + 1, y0], [x1 + 1, y1 + 1], [x0, y1 + 1]], dtype=np.float64)]
-        shapes.append(_Shape(by_number[number], region, crop, outlines))
+        shapes.append(_Shape(by_number[number], region, outlines))
     return shapes
+
+
+def _crop(picture: ExportPicture, region: export.Region) -> np.ndarray:
+    """The object's mask on its box, made when needed: kept for every object, boxes of large overlapping
+    objects would hold many times the picture."""
+    x0, y0, x1, y1 = region.bbox
+    return picture.label_map[y0 : y1 + 1, x0 : x1 + 1] == region.value
 
 
 def _label_png(picture: ExportPicture) -> bytes:
@@ -220,31 +232,108 @@ def _label_png(picture: ExportPicture) -> bytes:
 
 def _object_png(picture: ExportPicture, shape: _Shape) -> bytes:
     x0, y0, _, _ = shape.region.bbox
-    return encode_bit_png(picture.height, picture.width, shape.crop, y0, x0)
+    return encode_bit_png(picture.height, picture.width, _crop(picture, shape.region), y0, x0)
 
 
 def _flat(ring: np.ndarray) -> list[float]:
     return ring.reshape(-1).tolist()  # corners are on the half-pixel grid: exact, nothing to round
 
 
+# Past this many rings an object's YOLO outline bridges every ring to the largest (vectorised) rather than
+# each to its nearest ring already joined (a loop over rings, each against the joined rings' corners).
+_TREE_RINGS = 400
+_MAIN_SAMPLES, _RING_SAMPLES = 256, 16  # corners of the largest ring / of each other ring that bridges may use
+
+
 def _yolo_outline(rings: list[np.ndarray]) -> np.ndarray:
-    """The rings as one closed outline: the largest first, each other ring reached by a bridge from its
-    nearest corner of the largest and back (traced there and back, so it encloses nothing)."""
+    """The rings as one closed outline, through zero-width bridges each traced there and back.
+
+    The largest ring comes first; the others join in order of their distance to it, each bridged from its
+    nearest corner to the nearest corner of a ring already joined (of up to 256 sampled corners of the
+    largest and 16 of each other), so a cluster of parts is linked part to part, not each to the far
+    largest one. The outline walks this tree: round each ring, and at a corner where another ring hangs,
+    round that one and back."""
+    if len(rings) == 1:
+        return rings[0]
+    if len(rings) > _TREE_RINGS:
+        return _outline_to_largest(rings)
+    rings = sorted(rings, key=len, reverse=True)
+    samples = [np.arange(0, len(r), max(1, len(r) // (_RING_SAMPLES if k else _MAIN_SAMPLES))) for k, r in enumerate(rings)]
+    corners = [r[picked] for r, picked in zip(rings, samples)]
+    distance = [0.0] + [
+        float(((own[:, None, :] - corners[0][None, :, :]) ** 2).sum(axis=2).min()) for own in corners[1:]
+    ]
+    total = sum(len(picked) for picked in samples)
+    xs, ys = np.empty(total), np.empty(total)  # the joined rings' sampled corners, x and y apart (fast sums)
+    owner = np.empty(total, dtype=np.int64)
+    index = np.empty(total, dtype=np.int64)
+    filled = len(samples[0])
+    xs[:filled], ys[:filled], owner[:filled], index[:filled] = corners[0][:, 0], corners[0][:, 1], 0, samples[0]
+    hanging: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (ring, corner) -> [(ring, its start corner)]
+    for k in sorted(range(1, len(rings)), key=lambda k: distance[k]):
+        own = corners[k]
+        gaps = (own[:, 0, None] - xs[None, :filled]) ** 2 + (own[:, 1, None] - ys[None, :filled]) ** 2
+        i, j = np.unravel_index(int(np.argmin(gaps)), gaps.shape)
+        hanging.setdefault((int(owner[j]), int(index[j])), []).append((k, int(samples[k][i])))
+        count = len(samples[k])
+        xs[filled : filled + count], ys[filled : filled + count] = own[:, 0], own[:, 1]
+        owner[filled : filled + count], index[filled : filled + count] = k, samples[k]
+        filled += count
+    pieces: list[np.ndarray] = []
+    # an explicit stack (the tree may be deep): ("ring", ring, start corner, corners walked) or ("point", ring, corner)
+    stack: list[tuple[str, int, int, int]] = [("ring", 0, 0, 0)]
+    while stack:
+        kind, ring, start, walked = stack.pop()
+        if kind == "point":  # back over a bridge to the corner it left from
+            pieces.append(rings[ring][start : start + 1])
+            continue
+        size = len(rings[ring])
+        if walked == size:  # round: back to the start corner (the largest ring closes by itself)
+            if ring != 0:
+                pieces.append(rings[ring][start : start + 1])
+            continue
+        corner = (start + walked) % size
+        pieces.append(rings[ring][corner : corner + 1])
+        stack.append(("ring", ring, start, walked + 1))
+        for child, child_start in reversed(hanging.get((ring, corner), [])):
+            stack.append(("point", ring, corner, 0))
+            stack.append(("ring", child, child_start, 0))
+    return np.concatenate(pieces)
+
+
+def _outline_to_largest(rings: list[np.ndarray]) -> np.ndarray:
+    """`_yolo_outline` for very many rings: every ring bridged to the largest (from the nearest of up to
+    512 sampled corners of it), vectorised over the small rings: a speckled object has 100 000 of them.
+    A small ring (a speck) starts at its first corner; a large one at its corner nearest the largest."""
     rings = sorted(rings, key=len, reverse=True)
     main = rings[0]
-    detours: dict[int, list[np.ndarray]] = {}
-    for ring in rings[1:]:
-        sample_main = np.arange(0, len(main), max(1, len(main) // 512))
-        sample_ring = np.arange(0, len(ring), max(1, len(ring) // 512))
-        gaps = ((main[sample_main, None, :] - ring[None, sample_ring, :]) ** 2).sum(axis=2)
-        i, j = np.unravel_index(int(np.argmin(gaps)), gaps.shape)
-        at, start = int(sample_main[i]), int(sample_ring[j])
-        around = np.concatenate([ring[start:], ring[: start + 1]])  # the whole ring, back at its first corner
-        detours.setdefault(at, []).append(np.concatenate([around, main[at : at + 1]]))
-    pieces = []
-    for k in range(len(main)):
-        pieces.append(main[k : k + 1])
-        pieces.extend(detours.get(k, []))
+    others = rings[1:]
+    if not others:
+        return main
+    sample = np.arange(0, len(main), max(1, len(main) // 512))
+    anchors = main[sample]
+    at = np.empty(len(others), dtype=np.int64)
+    start = np.zeros(len(others), dtype=np.int64)
+    firsts = np.array([ring[0] for ring in others])
+    for chunk in range(0, len(others), 2048):  # (2048, <=512) distances at a time
+        gaps = ((firsts[chunk : chunk + 2048, None, :] - anchors[None, :, :]) ** 2).sum(axis=2)
+        at[chunk : chunk + 2048] = sample[np.argmin(gaps, axis=1)]
+    for k, ring in enumerate(others):
+        if len(ring) > 16:
+            picks = np.arange(0, len(ring), max(1, len(ring) // 512))
+            gaps = ((anchors[:, None, :] - ring[None, picks, :]) ** 2).sum(axis=2)
+            i, j = np.unravel_index(int(np.argmin(gaps)), gaps.shape)
+            at[k], start[k] = sample[i], picks[j]
+    order = np.argsort(at, kind="stable")
+    pieces: list[np.ndarray] = []
+    done = 0
+    for k in order.tolist():
+        a, ring, s = int(at[k]), others[k], int(start[k])
+        if a + 1 > done:
+            pieces.append(main[done : a + 1])
+            done = a + 1
+        pieces.extend((ring[s:], ring[: s + 1], main[a : a + 1]))  # round the ring, back where it started, back
+    pieces.append(main[done:])
     return np.concatenate(pieces)
 
 
@@ -305,9 +394,10 @@ def _picture_files(
     yield f"labels/{stem}.txt", _yolo_text(picture, shapes, classes)
 
 
-def _categories(pictures: Sequence[ExportPicture]) -> dict[str, int]:
-    """Category name -> YOLO class (0-based), in order of first appearance (pictures in order, by number)."""
-    classes: dict[str, int] = {}
+def _categories(pictures: Sequence[ExportPicture], classes: dict[str, int] | None = None) -> dict[str, int]:
+    """Category name -> YOLO class (0-based), in order of first appearance (pictures in order, by number).
+    Given `classes`, the pictures' new categories are added to it: a picture's ids never depend on later ones."""
+    classes = {} if classes is None else classes
     for picture in pictures:
         for obj in sorted(picture.objects, key=lambda o: o.number):
             classes.setdefault(obj.category.strip(), len(classes))
@@ -455,7 +545,9 @@ def write_dataset_zip(
     max_bytes: int,
     deadline_s: float,
 ) -> ExportSummary:
-    """Write the whole data set (layout in the module docstring) into `out`, picture by picture.
+    """Write the whole data set (layout in the module docstring) into `out`, picture by picture: each
+    picture is taken from `pictures` when its turn comes and let go after (a lazy sequence that reads a
+    picture's map in __getitem__ holds one map at a time); only the COCO annotations accumulate.
 
     Raises ExportTooLarge when the zip would pass `max_bytes`, and ExportTooSlow when writing takes
     longer than `deadline_s` seconds from this call; `out` then holds an unfinished zip the caller
@@ -466,25 +558,25 @@ def write_dataset_zip(
     def check() -> None:
         if time.monotonic() - started > deadline_s:
             raise ExportTooSlow(
-                f"This export took longer than {deadline_s:g} seconds, the most one export may take. "
+                f"This export took longer than {max(deadline_s, 0):.3g} seconds, the most one export may take. "
                 "Export fewer pictures at a time.",
                 deadline_s,
             )
 
-    pictures = [_stripped(p) for p in pictures]
-    for picture in pictures:
-        _check_picture(picture)
-    classes = _categories(pictures)
-    stems = unique_stems([p.name for p in pictures])
+    classes: dict[str, int] = {}
+    taken: set[str] = set()
     writer = _CountingWriter(out, max_bytes)
     entries: list[dict[str, Any]] = []
     objects = 0
     archive = zipfile.ZipFile(writer, "w", zipfile.ZIP_DEFLATED, compresslevel=6)  # type: ignore[arg-type]
     try:
         _add(archive, "README.txt", _README.encode())
-        for picture, stem in zip(pictures, stems):
+        for index in range(len(pictures)):  # one at a time: a lazy sequence reads each map only here
             check()
+            picture = _stripped(pictures[index])
+            stem = _unique_stem(picture.name, taken)
             shapes = _shapes(picture, check)
+            _categories([picture], classes)
             image_name = f"{stem}{_image_suffix(picture)}"
             if picture.image_path is not None:
                 _copy_image(archive, f"images/{image_name}", Path(picture.image_path), check)
@@ -514,7 +606,7 @@ def write_dataset_zip(
                     ],
                 }
             )
-            del shapes
+            del shapes, picture
         check()
         rle_doc, polygon_doc = _coco_documents(entries, classes)
         _add(archive, "annotations/instances_rle.json", json.dumps(rle_doc).encode())
@@ -528,7 +620,7 @@ def write_dataset_zip(
         writer.dead = True
         archive.fp = None  # so neither close() nor the garbage collector writes a central directory
         raise
-    return ExportSummary(pictures=len(pictures), objects=objects, bytes=writer.size)
+    return ExportSummary(pictures=len(entries), objects=objects, bytes=writer.size)
 
 
 def _add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:

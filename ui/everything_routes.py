@@ -11,6 +11,11 @@ point's best multimask candidate plus the HQ mask, which is exactly what the pag
 object with its first candidate. So each found object is stored as that one include point (exact
 coordinates, not rounded), and the page's own decode reproduces the mask the generator kept: it can then be
 deleted, refined with more points or a box, and keeps its number like any other object.
+
+In front of a remote model server (`--backend URL`) a run is one request to the remote API's
+segment_everything, whose answer names each object's grid point: no batches to count, so the job reports
+`total` 0 (the page shows a progress bar without a value) and Cancel drops the request's answer at once
+(the job's thread still waits for it, so a session starts no second run before the first has answered).
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from fastapi.responses import JSONResponse, Response
 
 from segmentation.errors import SegmentationError
 from segmentation.everything_options import EverythingOptions, parse_everything
+from segmentation.limits import Limits
 from segmentation.service import OverloadedError, give_memory_back
 
 from . import state as st
 from .answers import expired, small_json_object
+from .remote import BackendError
 from .sessions import Entry
 
 log = logging.getLogger("ui")
@@ -49,12 +56,13 @@ class EverythingJob:
     points: list[list[float]] = field(default_factory=list)  # the grid points of the masks kept, best first
     thread: threading.Thread | None = None
     session: str = ""  # its session's id: the job stops when the session is gone
+    remote: bool = False  # one request to a remote API: no batches, Cancel drops its answer
 
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "done": self.done,
-            "total": self.options.batches,
+            "total": 0 if self.remote else self.options.batches,
             "kept": self.kept,
             "found": len(self.points) if self.state in ("finished", "applied") else None,
             "message": self.message,
@@ -94,26 +102,30 @@ class EverythingRoutes:
         if session.picture is None:
             raise ValueError("Upload a picture first, or pick one of the examples.")
         backend = self.routes.backend
-        if not hasattr(backend, "segmenter"):
-            raise ValueError("Everything needs the model in this process; this page segments through a remote API.")
+        remote = not hasattr(backend, "segmenter")
         options = parse_everything(body or True)  # the page sends points_per_side; any official knob is accepted
         picture = session.picture
-        backend.registry.limits.check_everything_work(options.grid_points, picture.width, picture.height)
+        _limits(backend).check_everything_work(options.grid_points, picture.width, picture.height)
         with self._lock:
             store = self.routes.store
-            self.jobs = {sid: job for sid, job in self.jobs.items() if sid in store or job.state == "running"}
+            self.jobs = {sid: job for sid, job in self.jobs.items() if sid in store or _busy(job)}
             running = self.jobs.get(session.id)
             if running is not None and running.state == "running":
                 raise ValueError("Everything is already running for this picture: wait for it or press Cancel.")
-            if sum(job.state == "running" for job in self.jobs.values()) >= self.MAX_RUNNING:
+            if running is not None and _busy(running):
+                raise ValueError("The cancelled run of Everything has not stopped yet: try again in a moment.")
+            if sum(_busy(job) for job in self.jobs.values()) >= self.MAX_RUNNING:
                 raise OverloadedError("Everything is running for other visitors right now: try again in a minute.")
-            job = EverythingJob(session.model, picture, session.hq_only, options, session=session.id)
+            job = EverythingJob(session.model, picture, session.hq_only, options, session=session.id, remote=remote)
             self.jobs[session.id] = job
         job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name="everything")
         job.thread.start()
         return job.status()
 
     def _run(self, job: EverythingJob) -> None:
+        if job.remote:
+            self._run_remote(job)
+            return
         from segmentation.everything import Cancelled, Progress, generate  # the engine: a local backend only
 
         backend = self.routes.backend
@@ -145,6 +157,25 @@ class EverythingRoutes:
         finally:
             give_memory_back()  # a run's batches leave freed memory the allocator would otherwise keep
 
+    def _run_remote(self, job: EverythingJob) -> None:
+        """The run as one request to the remote API; an answer that comes after Cancel is dropped."""
+        try:
+            points = self.routes.backend.everything(
+                job.model, job.picture, job.options.as_dict(), hq_only=job.hq_only, grid_points=job.options.grid_points
+            )
+            outcome, message = "finished", ""
+        except BackendError as error:
+            points, outcome, message = [], "failed", error.message
+        except Exception:  # a job must end with a state the page can show
+            log.exception("segment everything on the remote failed")
+            points, outcome, message = [], "failed", "Finding the objects failed; try again."
+        with self._lock:
+            if job.state != "running":  # cancelled meanwhile: nobody wants this answer
+                return
+            if outcome == "finished":
+                job.points, job.done, job.kept = points, 1, len(points)
+            job.state, job.message = outcome, message
+
     def status(self, entry: Entry) -> dict[str, Any]:
         job = self.jobs.get(entry.session.id)
         return job.status() if job is not None else {"state": "none", "done": 0, "total": 0, "kept": 0}
@@ -153,6 +184,10 @@ class EverythingRoutes:
         job = self.jobs.get(entry.session.id)
         if job is not None and job.state == "running":
             job.cancel.set()
+            if job.remote:  # one request, no batch to stop after: its answer is dropped
+                with self._lock:
+                    if job.state == "running":
+                        job.state = "cancelled"
         return self.status(entry)
 
     def apply(self, entry: Entry) -> dict[str, Any]:
@@ -168,7 +203,7 @@ class EverythingRoutes:
             raise ValueError("The picture or the settings changed while Everything ran: press Everything again.")
         job.state = "applied"
         # on a draft, as any edit: the objects must pass the limits before the session stores them
-        max_objects = self.routes.backend.registry.limits.max_objects
+        max_objects = _limits(self.routes.backend).max_objects
         room = max_objects - len(session.prompted())
         points = job.points[: max(0, room)]
         draft = copy.deepcopy(session)
@@ -188,6 +223,16 @@ class EverythingRoutes:
         if added < len(job.points):
             found += f" (the {added} best: a picture holds at most {max_objects} objects)"
         return self.routes.view(entry, preview, f"{found} · {status}")
+
+
+def _limits(backend) -> Limits:
+    """The limits the page holds to: this process's API's (local model), or the page's own (remote)."""
+    return backend.registry.limits if hasattr(backend, "registry") else backend.limits
+
+
+def _busy(job: EverythingJob) -> bool:
+    """Running, or a remote run cancelled while its thread still waits for the answer: it holds a thread."""
+    return job.state == "running" or (job.remote and job.thread is not None and job.thread.is_alive())
 
 
 def install_everything_routes(router: APIRouter, routes, guarded) -> None:

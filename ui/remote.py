@@ -25,6 +25,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ log = logging.getLogger("ui.remote")
 # What a model id may look like: a hub id (owner/name) or a folder path; nothing that could close a quote
 MODEL_ID = re.compile(r"[A-Za-z0-9_./-]{1,200}", re.ASCII)
 MAX_MODELS = 64
+# Segment everything is one request that lasts the whole run (a 32x32 grid takes minutes on a CPU).
+EVERYTHING_TIMEOUT = 900.0
 MiB = 1024 * 1024
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -195,10 +198,51 @@ class RemoteBackend:
             options["hq_token_only"] = True
         width, height = (int(v) for v in size.split("x")) if size else (picture.width, picture.height)
         self._limit.bytes = n * _png_bound(width, height, len(points)) * 4 // 3 + MiB  # base64, JSON around it
-        try:
-            return self.client.images.segment(
+        return self._call(
+            lambda: self.client.images.segment(
                 image=_bytes(picture), segment_prompt=points, model=model, box_prompt=boxes, **options
             )
+        )
+
+    def everything(
+        self, model: str, picture: Picture, options: dict[str, Any], *, hq_only: bool, grid_points: int
+    ) -> list[list[float]]:
+        """Segment everything on the remote, in one request: the grid points of the masks it kept, best first
+        (each becomes a one-point object, as when the model is in this process). Only the segments are used:
+        the page decodes each object itself, so the map is asked for at 1x1. Its `point`s must be there (a
+        server of this project's API gives them), one per object, inside the picture, at most one per grid point."""
+        knobs = dict(options)
+        if hq_only:
+            knobs["hq_token_only"] = True
+        self._limit.bytes = MiB + 512 * grid_points  # a 1x1 map and a few numbers per object
+        response = self._call(
+            lambda: self.client.images.segment_everything(
+                image=_bytes(picture), model=model, size="1x1", timeout=EVERYTHING_TIMEOUT, **knobs
+            )
+        )
+        self._answer(response, 1, "1x1")
+        segments = sorted(response.data[0].segments, key=lambda s: s.value)
+        if len(segments) > grid_points or [s.value for s in segments] != list(range(1, len(segments) + 1)):
+            raise self._bad_answer(f"{len(segments)} objects numbered otherwise than 1..n from a {grid_points}-point grid")
+        points = []
+        for segment in segments:
+            point = segment.point
+            if point is None:
+                raise self._bad_answer("objects without the grid point that found them (an older version of the API?)")
+            if not (
+                len(point) == 2
+                and all(math.isfinite(v) for v in point)
+                and 0 <= point[0] <= picture.width
+                and 0 <= point[1] <= picture.height
+            ):
+                raise self._bad_answer("a grid point outside the picture")
+            points.append([float(point[0]), float(point[1])])
+        return points
+
+    def _call(self, send: Callable[[], SegmentationResponse]) -> SegmentationResponse:
+        """One request to the remote; its failures as BackendErrors with words for people."""
+        try:
+            return send()
         except AnswerTooLarge as error:
             raise self._bad_answer(f"more than {error.limit / MiB:.1f} MB where its maps need less") from None
         except SegmentationAPIError as error:

@@ -606,11 +606,13 @@
     bar.hidden = !running && status.state !== "finished";
     bar.max = Math.max(1, status.total || 1);
     bar.value = status.done || 0;
+    if (running && !status.total) bar.removeAttribute("value"); // one request to a remote server: no batches to count
     bar.dataset.done = String(status.done || 0);
     bar.dataset.total = String(status.total || 0);
     $("everything-tools").dataset.state = status.state;
     const text = $("everything-text");
-    if (running) text.textContent = "batch " + status.done + " of " + status.total + " · " + status.kept + " mask(s) so far";
+    if (running && !status.total) text.textContent = "on the segmentation server…";
+    else if (running) text.textContent = "batch " + status.done + " of " + status.total + " · " + status.kept + " mask(s) so far";
     else if (status.state === "cancelled") text.textContent = "Cancelled.";
     else if (status.state === "failed") text.textContent = status.message;
     else if (status.state === "finished") text.textContent = "Adding the objects…";
