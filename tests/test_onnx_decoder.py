@@ -163,8 +163,15 @@ def test_a_missing_runtime_falls_back_to_torch_with_one_log_line(segmenter, monk
     assert decoded.counts == (3,)
 
 
-def test_an_unknown_decoder_setting_is_refused(segmenter, monkeypatch):
+def test_the_decoder_setting_from_env_and_flag_and_an_unknown_one_refused(segmenter, monkeypatch):
+    import app
     from segmentation.settings import Settings
+
+    monkeypatch.delenv("SAMHQ_DECODER", raising=False)
+    assert Settings.from_env().decoder == "auto"  # a server's default
+    assert app.settings_from(app.parse_args(["--decoder", "onnx"])).decoder == "onnx"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--decoder", "tensorrt"])
 
     with pytest.raises(ValueError, match="auto, torch or onnx"):
         Segmenter(segmenter.loaded, segmenter.cache).use_decoder("tensorrt")
