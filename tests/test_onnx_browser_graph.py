@@ -1,0 +1,74 @@
+"""The browser's decoder graph (`onnx_graph.export_browser_decoder`) against the engine's torch decode.
+
+The page feeds the graph a picture's tokens and HQ features and one object's prompt in Meta's ONNX
+convention; it must give the candidate the engine ranks first for that object, and its score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_picture
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from segmentation import onnx_graph  # noqa: E402
+from segmentation.prompts import layout_arrays, to_model_coordinates  # noqa: E402
+
+LOGIT_TOLERANCE = 1e-4  # relative to the logits' size (the test checkpoints' are of order 1-10)
+
+# (points, labels, box) in picture pixels: one point, one exclude point, several points, box alone,
+# box + one point, box + points.
+OBJECTS = [
+    ([[60, 70]], [1], None),
+    ([[200, 90]], [0], None),
+    ([[100, 80], [130, 95], [20, 150]], [1, 1, 0], None),
+    ([], [], [30, 40, 200, 150]),
+    ([[70, 75]], [1], [10, 10, 300, 190]),
+    ([[0, 0], [250, 60]], [1, 0], [0, 0, 320, 200]),
+]
+
+
+@pytest.fixture(scope="module")
+def browser_session(segmenter, tmp_path_factory):
+    import onnxruntime
+
+    path = onnx_graph.export_browser_decoder(segmenter.model, tmp_path_factory.mktemp("onnx") / "browser.onnx")
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_graph_inputs_and_outputs_are_the_documented_ones(browser_session):
+    inputs = {i.name: i.shape for i in browser_session.get_inputs()}
+    assert set(inputs) == {"tokens", "hq_features", "point_coords", "point_labels"}
+    assert isinstance(inputs["point_coords"][1], str), "the number of points must be dynamic"
+    assert [o.name for o in browser_session.get_outputs()] == ["low_res_logits", "score"]
+
+
+def test_each_prompt_shape_gives_the_engines_first_candidate(segmenter, browser_session):
+    embedding = segmenter.embed(make_picture(320, 200, seed=3))
+    features = embedding.features
+    decoded = segmenter.decode(embedding, [o[0] for o in OBJECTS], [o[1] for o in OBJECTS], [o[2] for o in OBJECTS])
+    sizes = (embedding.original_size, embedding.resized_size)
+    for i, obj in enumerate(decoded.prompt.objects):
+        points, labels, boxes = layout_arrays([obj])
+        coords, kinds = onnx_graph.meta_prompt(
+            to_model_coordinates(points, *sizes) if points is not None else None,
+            labels,
+            to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4) if boxes is not None else None,
+        )
+        logits, score = browser_session.run(
+            None,
+            {
+                "tokens": features.tokens.numpy(),
+                "hq_features": features.hq_features.numpy(),
+                "point_coords": coords,
+                "point_labels": kinds,
+            },
+        )
+        expected = decoded.logits[i, 0].numpy()
+        assert logits.shape == (1, 1, *expected.shape) and score.shape == (1,)
+        assert np.abs(expected).max() > 0.1, "logits too small for the comparison to mean anything"
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(logits[0, 0] - expected).max() <= LOGIT_TOLERANCE * scale, f"object {i + 1}"
+        assert abs(float(score[0]) - float(decoded.scores[i, 0])) <= LOGIT_TOLERANCE * max(1.0, abs(score[0]))
