@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import socket
 import time
 import zipfile
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -204,3 +206,79 @@ def test_exports_write_the_visible_numbers_with_a_gap_and_hold_their_limits(serv
             routes.options = options
         assert http.get(f"/ui/session/{sid}/export/session.zip").status_code == 200
         assert routes.store.get(sid).export_bytes == 0, "the export's reservation is released"
+
+
+def _noise_png(side: int, seed: int) -> bytes:
+    """A picture whose zip can't hide in the sockets' buffers (stored, ~6 MB): a stalled reader really stalls."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buffer, "PNG", compress_level=0
+    )
+    return buffer.getvalue()
+
+
+def _request_zip(server, sid: str) -> socket.socket:
+    """GET the session's zip over a raw socket with a tiny receive window, and read only its status line."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET /ui/session/{sid}/export/session.zip HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert sock.recv(12) == b"HTTP/1.1 200"
+    return sock
+
+
+def _until(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_export_names_and_downloads_that_end_early_free_the_session(server):
+    """Attacker review: a picture named in other letters (a raw UTF-8 Content-Disposition was a 500 that left
+    the session "exporting" for good); a download whose client hung up (its export stayed "being prepared",
+    429, until the garbage collector came) or stopped reading (held for good); an export's bytes that stopped
+    counting against the disk budget when its session closed while it was sent; a long name losing its
+    extension; the kept files an export reads, replaced meanwhile."""
+    routes = server.server.config.app.state.page
+    store, options = routes.store, routes.options
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        sid = http.post("/ui/session").json()["session"]
+        for i, name in enumerate([quote("写真.png"), "y" * 300 + ".png"]):
+            answer = http.post(
+                f"/ui/session/{sid}/picture?add=1&show={int(i == 0)}",
+                content=_noise_png(1400, i),
+                headers={"X-Filename": name},
+            )
+            assert answer.status_code == 200, answer.text
+        names = [p["name"] for p in _listing(http, sid)["pictures"]]
+        assert names[0] == "写真.png" and names[1].endswith(".png") and len(names[1]) == 100, names
+
+        answer = http.get(f"/ui/session/{sid}/export/picture/0.zip")
+        assert answer.status_code == 200, answer.text
+        disposition = answer.headers["content-disposition"]
+        assert disposition == "attachment; filename=\"__.zip\"; filename*=UTF-8''%E5%86%99%E7%9C%9F.zip"
+        assert "images/写真.png" in zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
+        # the next export right after the last byte: the session is free again before it is sent
+        assert http.get(f"/ui/session/{sid}/export/picture/1.zip").status_code == 200
+
+        entry = store.get(sid)
+        _request_zip(server, sid).close()  # hung up after the status line
+        _until(lambda: not entry.exporting and entry.export_bytes == 0, "a hung-up download frees the session")
+        whole = http.get(f"/ui/session/{sid}/export/session.zip")
+        assert whole.status_code == 200 and int(whole.headers["content-length"]) == len(whole.content) > 10**7
+
+        routes.options = dataclasses.replace(options, export_send_timeout=1.0)
+        try:
+            stalled = _request_zip(server, sid)  # reads nothing more
+            _until(lambda: entry.export_bytes > 10**7, "the stalled export's zip is written")
+            held = entry.export_bytes
+            replaced = http.post(f"/ui/session/{sid}/picture", content=_jpeg(1), headers={"X-Filename": "new.jpg"})
+            assert replaced.status_code == 409 and replaced.json()["error"]["code"] == "busy", replaced.text
+            assert http.post(f"/ui/session/{sid}/pictures/1").status_code == 200  # clicks and moves go on
+            assert http.delete(f"/ui/session/{sid}").status_code == 204
+            assert store.disk >= held, "a closed session's zip still being sent counts against the disk budget"
+            _until(lambda: store.disk < held, "a client that stopped reading is let go, and its zip with it")
+            stalled.close()
+        finally:
+            routes.options = options

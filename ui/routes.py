@@ -570,8 +570,11 @@ def _number(body: dict[str, Any], name: str) -> float:
 
 
 def _safe_name(name: str) -> str:
-    name = os.path.basename(name or "picture.jpg")[:100]
-    return "".join(c for c in name if c.isalnum() or c in "._- ") or "picture.jpg"
+    name = "".join(c for c in os.path.basename(name or "picture.jpg") if c.isalnum() or c in "._- ")
+    stem, dot, suffix = name.rpartition(".")
+    if dot and len(suffix) <= 8:  # a long name keeps its extension (the export's images/ need it)
+        return (stem[: 99 - len(suffix)] + "." + suffix) if stem else name[:100]
+    return name[:100] or "picture.jpg"
 
 
 async def _receive_upload(request: Request, store: SessionStore, entry: Entry, cap: int) -> Path | Response:
@@ -711,6 +714,8 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             name = unquote(request.headers.get("x-filename", "picture.jpg"))
 
             def load(entry: Entry) -> Response:
+                if entry.exporting and not add and entry.session.current >= 0:  # the export reads its files
+                    return error(409, "An export of this page is being prepared: replace the picture after it.", "busy")
                 store.make_room(entry, upload.stat().st_size if upload is not None else 0)  # all sessions' budget
                 return JSONResponse(routes.load_picture(entry, upload, name, index, add=add, show=show))
 

@@ -63,8 +63,10 @@ class Entry:
 
     @property
     def held(self) -> int:
-        """Its bytes against the disk budget: its folder, an upload arriving, an export being written."""
-        return self.disk + self.receiving + self.export_bytes
+        """Its bytes against the disk budget but its export's: its folder and an upload arriving. An export's
+        zip is counted apart (`SessionStore._exports`): its nameless file outlives a session closed while it
+        is sent, and its bytes must count until it is closed."""
+        return self.disk + self.receiving
 
 
 class SessionStore:
@@ -87,6 +89,7 @@ class SessionStore:
         remove_stale_runs(parent)
         self.root, self._run_lock = _new_run(parent)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._exports = 0  # bytes of every export zip still open, its session open or not (`reserve_export`)
         self._lock = threading.Lock()
 
     def open(self, model: str, client: str = "") -> Entry:
@@ -143,7 +146,7 @@ class SessionStore:
         dropped = []
         try:
             with self._lock:
-                others = sum(e.held for e in self._entries.values() if e is not entry)
+                others = sum(e.held for e in self._entries.values() if e is not entry) + self._exports
                 self._fit_locked(entry, others + incoming, now, dropped)
         finally:
             self._remove(dropped)
@@ -156,7 +159,7 @@ class SessionStore:
         dropped = []
         try:
             with self._lock:
-                total = sum(e.held for e in self._entries.values()) + incoming
+                total = sum(e.held for e in self._entries.values()) + self._exports + incoming
                 self._fit_locked(entry, total, now, dropped)
                 entry.receiving += incoming
         finally:
@@ -174,15 +177,17 @@ class SessionStore:
         dropped = []
         try:
             with self._lock:
-                total = sum(e.held for e in self._entries.values()) + incoming
+                total = sum(e.held for e in self._entries.values()) + self._exports + incoming
                 self._fit_locked(entry, total, now, dropped)
                 entry.export_bytes += incoming
+                self._exports += incoming
         finally:
             self._remove(dropped)
 
     def release_export(self, entry: Entry) -> None:
         """The export's file is closed (gone): its bytes no longer count."""
         with self._lock:
+            self._exports -= entry.export_bytes
             entry.export_bytes = 0
 
     def _fit_locked(self, entry: Entry, total: int, now: float, dropped: list[Entry]) -> None:
@@ -219,7 +224,7 @@ class SessionStore:
 
     @property
     def disk(self) -> int:
-        return sum(entry.held for entry in list(self._entries.values()))
+        return sum(entry.held for entry in list(self._entries.values())) + self._exports
 
     def drop(self, sid: str) -> None:
         with self._lock:

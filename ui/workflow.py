@@ -34,6 +34,7 @@ class WorkflowOptions:
     pictures_per_session: int = 500  # SAMHQ_UI_PICTURES_PER_SESSION
     export_bytes: int = 1024 * 2**20  # SAMHQ_UI_EXPORT_MB: one export's zip
     export_seconds: float = 300.0  # SAMHQ_UI_EXPORT_SECONDS: one export, results and zip together
+    export_send_timeout: float = 60.0  # a download whose client takes no chunk (256 KB) for this long is ended
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,15 @@ go on meanwhile), the zip is written from those small files and streamed.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -34,6 +37,7 @@ from .answers import error, expired
 from .sessions import Entry, StoreRefusal
 
 CHUNK = 256 * 1024
+log = logging.getLogger("ui")
 
 
 class ExportRefused(Exception):
@@ -90,7 +94,8 @@ class Workflow:
         if not 0 <= index < len(session.album):
             raise LookupError(index)
         if index != session.current:
-            self.persist(entry, session.current)
+            if not entry.exporting:  # an export reads the kept results meanwhile: written at the next one
+                self.persist(entry, session.current)
             st.switch_picture(session, index)
             self.routes._clear_downloads(entry)
         slot = session.album[index]
@@ -384,9 +389,16 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
                 return error(refusal.status, refusal.message, refusal.code)
             except FileNotFoundError:  # the session ended (its folder went) while the zip was written
                 return expired()
-            name = "dataset.zip" if index is None else f"{Path(album[index].picture.name).stem or 'picture'}.zip"
+            from .dataset_export import safe_stem
+
+            name = "dataset" if index is None else safe_stem(records[0][0].name)
+            try:
+                response = _ZipResponse(file, name, lambda: _done(entry), routes.options.export_send_timeout)
+            except BaseException:
+                file.close()
+                raise
             sent = True
-            return _stream_zip(file, name, lambda: _done(entry))
+            return response
         finally:
             if not sent:
                 _done(entry)
@@ -404,23 +416,53 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
         return await export(sid, request, index)
 
 
-def _stream_zip(file: IO[bytes], name: str, done) -> Response:
-    """Stream the opened zip; when it is sent or the client left, the file closes (it has no name: its bytes
-    go) and the session may export again."""
-    size = file.seek(0, 2)
-    file.seek(0)
+class _ZipResponse(StreamingResponse):
+    """The opened zip, streamed; when it is sent, the client left, or the client stopped reading for
+    `send_timeout` seconds (a chunk not taken), the file closes (it has no name: its bytes go) and the session
+    may export again. Done here, around the whole response, not in a generator's `finally`: a generator left
+    by a hung-up client is closed only when the garbage collector gets to it, and until then the session's
+    export stayed "being prepared" (429) and its bytes reserved."""
 
-    def chunks():
+    def __init__(self, file: IO[bytes], name: str, done, send_timeout: float):
+        self.file, self.done, self.send_timeout = file, done, send_timeout
+        size = file.seek(0, 2)
+        file.seek(0)
+        headers = {
+            "Cache-Control": "no-store",
+            "Content-Disposition": _disposition(name),
+            "Content-Length": str(size),
+        }
+        super().__init__(self._chunks(), media_type="application/zip", headers=headers)
+
+    async def _chunks(self):
+        chunk = await run_in_threadpool(self.file.read, CHUNK)
+        while chunk:
+            following = await run_in_threadpool(self.file.read, CHUNK)
+            if not following:  # all read: the session may export again once the client has the last byte
+                self._finish()
+            yield chunk
+            chunk = following
+
+    def _finish(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+            self.done()
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def timed_send(message) -> None:
+            await asyncio.wait_for(send(message), self.send_timeout)
+
         try:
-            while chunk := file.read(CHUNK):
-                yield chunk
+            await super().__call__(scope, receive, timed_send)
+        except asyncio.TimeoutError:  # a client that stopped reading: the connection closes unfinished
+            log.info("export download stopped: the client read nothing for %g s", self.send_timeout)
         finally:
-            file.close()
-            done()
+            self._finish()
 
-    headers = {
-        "Cache-Control": "no-store",
-        "Content-Disposition": f'attachment; filename="{name}"',
-        "Content-Length": str(size),
-    }
-    return StreamingResponse(chunks(), media_type="application/zip", headers=headers)
+
+def _disposition(stem: str) -> str:
+    """`attachment; filename="…zip"`, with the UTF-8 name beside an ASCII one when the stem has other letters
+    (a header is Latin-1: a raw "日本.zip" there was a 500 and a session whose export never ended)."""
+    plain = stem.encode("ascii", "replace").decode().replace("?", "_")
+    disposition = f'attachment; filename="{plain}.zip"'
+    return disposition if plain == stem else disposition + f"; filename*=UTF-8''{quote(stem)}.zip"
