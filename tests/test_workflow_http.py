@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import socket
+import threading
 import time
 import zipfile
 from urllib.parse import quote
@@ -282,3 +283,41 @@ def test_export_names_and_downloads_that_end_early_free_the_session(server):
             stalled.close()
         finally:
             routes.options = options
+
+
+def test_an_export_lets_other_visitors_click_between_its_pictures(server, monkeypatch):
+    """Attacker review: bringing an export's results up to date (every picture's, after a setting changed) held
+    one model slot for the whole export; now each picture is a step of its own, other requests first."""
+    from segmentation.service import AdmissionGate
+
+    routes = server.server.config.app.state.page
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        other = _session(http, 1, seed=80)
+        sid = _session(http, 2, seed=82)
+        _edit(http, sid, {"op": "click", "x": 20, "y": 20})
+        assert http.post(f"/ui/session/{sid}/pictures/1").status_code == 200
+        _edit(http, sid, {"op": "embed"}, {"op": "click", "x": 30, "y": 30}, {"op": "settings", "hq_only": True})
+
+        clicked, steps = threading.Event(), []
+        full = routes.backend.full
+
+        def click() -> None:
+            with httpx.Client(base_url=server.url, timeout=120) as visitor:
+                assert (
+                    visitor.post(f"/ui/session/{other}/op", json={"op": "click", "x": 50, "y": 50}).status_code == 200
+                )
+            clicked.set()
+
+        def spy(*args, **kwargs):  # each picture's result: the other visitor's click arrives during the first
+            if not steps:
+                threading.Thread(target=click, daemon=True).start()
+                _until(lambda: routes.gate._waiting >= 1, "the other visitor's click waits for the model")
+                steps.append(True)
+            else:
+                steps.append(clicked.wait(timeout=30))  # answered before the export's next picture
+            return full(*args, **kwargs)
+
+        monkeypatch.setattr(routes, "gate", AdmissionGate(max_concurrent=1, max_waiting=8))
+        monkeypatch.setattr(routes.backend, "full", spy)
+        assert http.get(f"/ui/session/{sid}/export/session.zip").status_code == 200
+        assert steps == [True, True], steps

@@ -624,10 +624,11 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
     _close_store_at_shutdown(app, store, routes.prefetcher.stop)
     redact_access_log()
 
-    async def guarded(sid: str, work, request: Request | None = None) -> Response:
+    async def guarded(sid: str, work, request: Request | None = None, after_others: bool = False) -> Response:
         """One request of a session at a time, waited for in the event loop (a waiting request holds no
         worker thread); past `WAITING_PER_SESSION` a 429 at once; a request whose client hung up while it
-        waited is dropped before it runs."""
+        waited is dropped before it runs. `after_others`: a long job's step (an export's next picture) takes
+        its model slot once other requests went first (`AdmissionGate.admit_after_others`)."""
         entry = store.get(sid)
         if entry is None:
             return expired()
@@ -638,13 +639,14 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
             async with entry.turn:
                 if request is not None and await _client_left(request):
                     return Response(status_code=499)  # nobody is there to read it
-                return await run_in_threadpool(_run, entry, work)
+                return await run_in_threadpool(_run, entry, work, after_others)
         finally:
             entry.pending -= 1
 
-    def _run(entry: Entry, work) -> Response:
+    def _run(entry: Entry, work, after_others: bool = False) -> Response:
+        admit = routes.gate.admit_after_others if after_others else routes.gate.admit
         try:
-            with routes.gate.admit():  # one model slot per request, taken only once this session's turn came
+            with admit():  # one model slot per request, taken only once this session's turn came
                 return work(entry)
         except ModelUnavailableError as failure:
             model = entry.session.model

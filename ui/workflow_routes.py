@@ -166,9 +166,10 @@ class Workflow:
     # ---- exports --------------------------------------------------------------------------------
 
     def prepare(self, entry: Entry, indices: list[int], deadline: float) -> list[Any]:
-        """Under the session's turn: every picture's result up to date; what the zip writer reads (lazily)."""
+        """Under the session's turn, once every picture's result is up to date (`persist`, a turn and a model
+        slot per picture): what the zip writer reads (lazily)."""
         session = entry.session
-        for index in indices:
+        for index in indices:  # already done one by one: only a picture edited since is written here
             if time.monotonic() > deadline:
                 raise ExportRefused(413, self._too_slow(), "export_too_slow")
             self.persist(entry, index)
@@ -378,6 +379,15 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
                 except ExportRefused as refused:
                     return error(refused.status, refused.message, refused.code)
 
+            # one picture per turn and model slot, other requests first (as Everything's batches): a session
+            # whose 500 results are all stale (a setting changed) held one of the page's two slots for the
+            # whole export, and two such exports held both, every other visitor's click waiting minutes
+            for i in indices:
+                if time.monotonic() > deadline:
+                    return error(413, flow._too_slow(), "export_too_slow")
+                kept = await guarded(sid, lambda e, i=i: flow.persist(e, i), request, after_others=True)
+                if kept is not None:
+                    return kept
             records = await guarded(sid, prepare, request)
             if isinstance(records, Response):
                 return records
