@@ -287,8 +287,10 @@ def test_export_names_and_downloads_that_end_early_free_the_session(server):
 
 def test_an_export_lets_other_visitors_click_between_its_pictures(server, monkeypatch):
     """Attacker review: bringing an export's results up to date (every picture's, after a setting changed) held
-    one model slot for the whole export; now each picture is a step of its own, other requests first."""
+    one model slot for the whole export; now each picture is a step of its own, other requests first. And the
+    exports being prepared on the server are bounded (each up to SAMHQ_UI_EXPORT_SECONDS of CPU)."""
     from segmentation.service import AdmissionGate
+    from ui import workflow_routes
 
     routes = server.server.config.app.state.page
     with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -313,11 +315,16 @@ def test_an_export_lets_other_visitors_click_between_its_pictures(server, monkey
                 threading.Thread(target=click, daemon=True).start()
                 _until(lambda: routes.gate._waiting >= 1, "the other visitor's click waits for the model")
                 steps.append(True)
+                # exports prepared at once on the server are bounded (1 here): the other visitor's must wait
+                refused = httpx.get(f"{server.url}/ui/session/{other}/export/session.zip", timeout=60)
+                steps.append(refused.status_code == 429 and "other exports" in refused.json()["error"]["message"])
             else:
                 steps.append(clicked.wait(timeout=30))  # answered before the export's next picture
             return full(*args, **kwargs)
 
         monkeypatch.setattr(routes, "gate", AdmissionGate(max_concurrent=1, max_waiting=8))
         monkeypatch.setattr(routes.backend, "full", spy)
+        monkeypatch.setattr(workflow_routes, "EXPORTS_AT_ONCE", 1)
         assert http.get(f"/ui/session/{sid}/export/session.zip").status_code == 200
-        assert steps == [True, True], steps
+        assert steps == [True, True, True], steps
+        assert http.get(f"/ui/session/{other}/export/session.zip").status_code == 200, "its turn came"

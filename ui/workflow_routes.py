@@ -37,6 +37,7 @@ from .answers import error, expired
 from .sessions import Entry, StoreRefusal
 
 CHUNK = 256 * 1024
+EXPORTS_AT_ONCE = 2  # exports prepared at once on the server (each up to SAMHQ_UI_EXPORT_SECONDS of CPU)
 log = logging.getLogger("ui")
 
 
@@ -51,6 +52,7 @@ class Workflow:
 
     def __init__(self, routes):
         self.routes = routes
+        self.preparing = 0  # exports being brought up to date or written, all sessions together
 
     # ---- the strip ------------------------------------------------------------------------------
 
@@ -367,6 +369,9 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
             return error(400, "Nothing to export yet: upload a picture and label it.", "nothing_to_export")
         if entry.exporting:
             return error(429, "An export of this page is already being prepared: wait for it to finish.", "busy")
+        if flow.preparing >= EXPORTS_AT_ONCE:  # the zips' CPU, bounded on the server as Everything's runs are
+            return error(429, "The server is preparing other exports right now: try again in a minute.", "busy")
+        flow.preparing += 1  # counted in the event loop: no lock
         entry.exporting = True
         sent = False
         try:
@@ -410,6 +415,7 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
             sent = True
             return response
         finally:
+            flow.preparing -= 1  # its zip is written (or refused); sending it costs no CPU
             if not sent:
                 _done(entry)
 
