@@ -742,8 +742,11 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
         entry = store.get(sid)
         session = entry.session if entry else None
         path = None
-        if session is not None and session.current >= 0:
-            path = workflow.folder(entry.folder, session.album[session.current].id) / "preview.jpg"
+        try:  # read without the turn: a removal running meanwhile may have shortened the strip
+            if session is not None and session.current >= 0:
+                path = workflow.folder(entry.folder, session.album[session.current].id) / "preview.jpg"
+        except IndexError:
+            pass
         if path is None or not path.exists():
             return error(404, "No picture in this session.")
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})

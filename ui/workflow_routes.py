@@ -353,7 +353,10 @@ def install_workflow_routes(router: APIRouter, routes, guarded) -> None:
         if entry is None:
             return expired()
         album = entry.session.album
-        path = workflow.folder(entry.folder, album[index].id) / "thumb.jpg" if 0 <= index < len(album) else None
+        try:  # read without the turn: a removal running meanwhile may shorten the strip between check and read
+            path = workflow.folder(entry.folder, album[index].id) / "thumb.jpg" if 0 <= index < len(album) else None
+        except IndexError:
+            path = None
         if path is None or not path.exists():
             return error(404, "This page has no such picture.", "no_such_picture")
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
