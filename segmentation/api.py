@@ -465,7 +465,7 @@ def install_api(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError):
-        if not _is_api(request):
+        if not _is_api(request) and not request.url.path.startswith("/ui/"):  # the page's routes: our format too
             return await request_validation_exception_handler(request, error)
         message, param, status, code = _describe_validation(jsonable_encoder(error.errors()))
         return error_response(status, message, "invalid_request_error", param, code)

@@ -131,6 +131,11 @@ def test_pictures_keep_their_objects_the_next_is_prefetched_and_the_limit_holds(
         ):
             assert answer.status_code == 404 and answer.json()["error"]["code"] == "no_such_picture"
         assert http.get(f"/ui/session/{sid}/pictures/2/thumb.jpg").headers["content-type"] == "image/jpeg"
+        for answer in (
+            http.post(f"/ui/session/{sid}/pictures/abc"),
+            http.get(f"/ui/session/{sid}/export/picture/1.5.zip"),
+        ):
+            assert 400 <= answer.status_code < 500 and "index" in answer.json()["error"]["message"], answer.text
 
         # the picture limit, refused before the body is read, with a message in words
         assert http.post(f"/ui/session/{sid}/picture?add=1&show=0", content=_jpeg(50)).status_code == 200
