@@ -780,7 +780,9 @@
       try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
       throw Object.assign(new Error(message), { status: response.status });
     }
-    const name = (/filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "") || [])[1] || "dataset.zip";
+    const disposition = response.headers.get("Content-Disposition") || "";
+    const utf8 = /filename\*=UTF-8''([^;]+)/.exec(disposition);  // a name in other letters (写真.zip)
+    const name = utf8 ? decodeURIComponent(utf8[1]) : (/filename="([^"]+)"/.exec(disposition) || [])[1] || "dataset.zip";
     const url = URL.createObjectURL(await response.blob());
     const link = document.createElement("a");
     link.href = url;
