@@ -145,7 +145,7 @@
       const canvas = $("preview");
       if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
       canvas.getContext("2d").putImageData(new ImageData(result.rgba, w, h), 0, 0);
-      P.last = { x: pointer.x, y: pointer.y, rev: view.rev, mask: result.mask, width: w, height: h, area: result.area, score: result.score, seq };
+      P.last = { x: pointer.x, y: pointer.y, coords, labels, rev: view.rev, mask: result.mask, width: w, height: h, area: result.area, score: result.score, seq };
       requestAnimationFrame((now) => {
         canvas.dataset.drawn = String(seq);
         P.timings.push({ ms: now - pointer.restAt, run: result.ms.run, upscale: result.ms.upscale, roundtrip: performance.now() - sent });
@@ -165,13 +165,14 @@
     // the same coordinates a click at this place sends (page.js onCanvasClick)
     const x = Math.min(Math.max(((event.clientX - rect.left) / rect.width) * width - 0.5, 0), width - 1);
     const y = Math.min(Math.max(((event.clientY - rect.top) / rect.height) * height - 0.5, 0), height - 1);
-    const pointer = { x: Math.round(x * 100) / 100, y: Math.round(y * 100) / 100, rested: false, restAt: 0 };
+    // restAt: when the pointer stopped here (this move's time); the preview's latency counts from it
+    const pointer = { x: Math.round(x * 100) / 100, y: Math.round(y * 100) / 100, rested: false, restAt: event.timeStamp };
     if (P.pointer && P.pointer.x === pointer.x && P.pointer.y === pointer.y) return;
+    if (P.clicked && P.clicked.x === pointer.x && P.clicked.y === pointer.y) return; // the point is there now
     P.pointer = pointer;
     clearTimeout(P.timer);
     P.timer = setTimeout(() => {
       pointer.rested = true;
-      pointer.restAt = performance.now();
       kick();
     }, REST_MS);
   }
@@ -194,7 +195,12 @@
   $("preview-toggle").addEventListener("change", (event) => { P.touched = true; setOn(event.target.checked); });
   $("points").addEventListener("pointermove", onMove);
   $("points").addEventListener("pointerleave", () => { clearTimeout(P.timer); P.pointer = null; clear(); });
-  $("points").addEventListener("pointerdown", () => { clearTimeout(P.timer); P.pointer = null; clear(); });
+  $("points").addEventListener("pointerdown", () => {
+    clearTimeout(P.timer);
+    P.clicked = P.pointer; // a click's own place: the next preview waits for the pointer to move on
+    P.pointer = null;
+    clear();
+  });
 
   root.addEventListener("samhq:session", async () => {
     try {
