@@ -436,19 +436,22 @@ def browser_graph_folder() -> Path:
 
 
 _graph_lock = threading.Lock()
+REPO = Path(__file__).resolve().parent.parent
+GRAPH_EXPORT_TIMEOUT = 900.0
 _graph_paths: dict[int, tuple[Any, Path]] = {}  # a loaded model's graph, so its weights are hashed once
 
 
 def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> Path:
     """The served model's browser decoder graph (`onnx_graph.export_browser_decoder`), exported on first use into
     `browser_graph_folder()` under a name holding a digest of the decoder's weights (a new checkpoint under the
-    same id gets a new graph) and reused after. One export at a time in the process (it takes seconds)."""
-    import copy
+    same id gets a new graph) and reused after. One export at a time in the process (it takes seconds), in a
+    child process."""
     import hashlib
+    import subprocess
+    import sys
 
-    import torch
-
-    segmenter = registry.get(model)
+    name = registry.check_served(model)
+    segmenter = registry.get(name)
     if not segmenter.hq:
         raise PreviewUnavailable(
             f"The hover preview needs a SAM-HQ model (its HQ features); {segmenter.model_id} has none."
@@ -458,8 +461,8 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
         return known[1]
     digest = hashlib.sha256()
     for module in (segmenter.model.prompt_encoder, segmenter.model.mask_decoder):
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode())
+        for key, tensor in module.state_dict().items():
+            digest.update(key.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in segmenter.model_id)[-80:]
     path = browser_graph_folder() / f"{safe}-{digest.hexdigest()[:16]}-browser-decoder.onnx"
@@ -467,21 +470,23 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
         if path.exists():
             _graph_paths[id(segmenter)] = (segmenter, path)
             return path
-        try:
-            from .onnx_graph import export_browser_decoder
-        except ImportError as error:
-            raise PreviewUnavailable(f"The hover preview's decoder cannot be built here: {error}.") from error
         start = time.perf_counter()
-        torch_model = segmenter.model
-        parameter = next(torch_model.parameters())
-        if parameter.dtype != torch.float32 or parameter.device.type != "cpu":  # the export makes it float32 on CPU
-            torch_model = copy.deepcopy(torch_model).float().cpu()
         partial = path.with_name(f"{path.stem}.{os.getpid()}.part.onnx")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # In a process of its own: torch.export traces with fake tensors in a mode that is not thread-safe, and a
+        # click decoding in another thread of this server meanwhile failed ("fake_mode.in_kernel_invocation").
+        # The child loads the same checkpoint (by its served name, from the same cache) and writes the graph.
+        command = [sys.executable, "-m", "segmentation.onnx_graph", "--model", name, "--browser", "--out", str(partial)]
         try:
-            export_browser_decoder(torch_model, partial)
-        except RuntimeError as error:  # the export tools are missing (requirements-onnx.txt)
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=GRAPH_EXPORT_TIMEOUT)
+        except subprocess.TimeoutExpired as error:
             partial.unlink(missing_ok=True)
-            raise PreviewUnavailable(f"The hover preview's decoder cannot be built here: {error}") from error
+            raise PreviewUnavailable("Building the hover preview's decoder took too long on this server.") from error
+        if done.returncode != 0 or not partial.exists():
+            partial.unlink(missing_ok=True)
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            log.warning("browser decoder for %s failed: %s", segmenter.model_id, last)
+            raise PreviewUnavailable(f"The hover preview's decoder cannot be built here ({last}).")
         os.replace(partial, path)  # whole or absent: a reader never sees half a graph
         _graph_paths[id(segmenter)] = (segmenter, path)
         log.info(

@@ -42,7 +42,7 @@ def ready_session(http: httpx.Client, picture: bytes) -> tuple[str, dict]:
     assert http.post(f"/ui/session/{sid}/op", json={"op": "embed"}).status_code == 200
     deadline = time.monotonic() + 180
     while True:
-        info = http.get(f"/ui/session/{sid}/preview").json()
+        info = http.get(f"/ui/session/{sid}/preview?prepare=1").json()
         if info["state"] == "ready" or time.monotonic() > deadline:
             return sid, info
         assert info["state"] == "building", info

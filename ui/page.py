@@ -122,7 +122,12 @@ def build_blocks(
     preview = (STATIC / "preview.js").read_text()  # the hover preview, beside the page (ui/preview_routes.py)
     served = ", ".join(f"`{name}`" for name in (served_models or registry.served))
     with gr.Blocks(title="SAM-HQ point segmentation", delete_cache=(max(1, cache_age // 4), cache_age)) as demo:
-        gr.HTML(html, js_on_load=f"({script})(element); ({preview})(element);", elem_id="samhq-page", apply_default_css=False)
+        gr.HTML(
+            html,
+            js_on_load=f"({script})(element); ({preview})(element);",
+            elem_id="samhq-page",
+            apply_default_css=False,
+        )
         with gr.Accordion("How it works", open=False):
             gr.Markdown(
                 "Upload a picture, then **click** on it: each click adds a point and segments at once. "

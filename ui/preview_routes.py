@@ -121,9 +121,12 @@ class PreviewGraphs:
         self.by_name: dict[str, Path] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: str) -> tuple[str, Any]:
+    def get(self, model: str, start: bool = True) -> tuple[str, Any] | None:
+        """The model's graph state; without `start`, None when no build was asked for yet."""
         with self._lock:
             state = self.state.get(model)
+            if not start and (state is None or state[0] == "failed" and state[1].startswith("retry:")):
+                return None
             if state is None or state[0] == "failed" and state[1].startswith("retry:"):
                 self.state[model] = ("building", None)
                 threading.Thread(target=self._build, args=(model,), daemon=True, name="preview-graph").start()
@@ -166,14 +169,19 @@ class PreviewRoutes:
             return "The hover preview's runtime (onnxruntime-web) is not installed on this server."
         return None
 
-    def info(self, entry: Entry) -> dict[str, Any]:
-        """What the page needs to start the preview for its current picture, or why it cannot."""
+    def info(self, entry: Entry, prepare: bool) -> dict[str, Any]:
+        """What the page needs to start the preview for its current picture, or why it cannot. The graph's
+        export starts only when the page `prepare`s (its toggle is on), so a page that never uses the
+        preview costs nothing."""
         base = {"available": False, "default_on": self.options["default_on"], "key": None}
         reason = self.unavailable(entry)
         if reason:
             return {**base, "state": "unavailable", "reason": reason}
         session = entry.session
-        state, value = self.graphs.get(session.model)
+        known = self.graphs.get(session.model, start=prepare)
+        if known is None:
+            return {**base, "state": "idle", "reason": "Turn the preview on to prepare it."}
+        state, value = known
         if state == "failed":
             return {**base, "state": "unavailable", "reason": value.removeprefix("retry:")}
         if state == "building":
@@ -268,11 +276,12 @@ def install_preview_routes(router: APIRouter, routes: PageRoutes, guarded) -> Pr
     routes.preview = preview
 
     @router.get("/session/{sid}/preview")
-    async def info(sid: str) -> Response:
+    async def info(sid: str, request: Request) -> Response:
         entry = routes.store.get(sid)
         if entry is None:
             return expired()
-        return JSONResponse(preview.info(entry), headers={"Cache-Control": "no-store"})
+        prepare = request.query_params.get("prepare") == "1"
+        return JSONResponse(preview.info(entry, prepare), headers={"Cache-Control": "no-store"})
 
     @router.get("/session/{sid}/preview/features/{key}")
     async def features(sid: str, key: str, request: Request) -> Response:

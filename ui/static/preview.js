@@ -50,8 +50,8 @@
     P.worker.onerror = (event) => show("failed", "unavailable: the preview's worker failed (" + (event.message || "error") + ")");
   }
 
-  async function information() {
-    const response = await fetch("/ui/session/" + S.session + "/preview");
+  async function information(prepare) {
+    const response = await fetch("/ui/session/" + S.session + "/preview" + (prepare ? "?prepare=1" : ""));
     const body = await response.json();
     if (!response.ok) throw new Error((body.error && body.error.message) || "The preview is not available.");
     return body;
@@ -65,7 +65,7 @@
     P.loading = (async () => {
       try {
         for (let tries = 0; P.on; tries++) {
-          const info = await information();
+          const info = await information(true);
           P.info = info;
           if (info.state === "building" || info.state === "waiting") {
             show("loading", info.reason);
