@@ -12,7 +12,8 @@ then Undo. Also: bytes per picture (the features, gzip on the wire and unpacked)
 graph, once), and the one-off costs (graph export on the server, features and graph loaded in the browser).
 Random weights of the requested architecture (`--logit-gain` as the tests' checkpoints, so masks are neither
 empty nor everything): the compute is the published model's, the masks meaningless. Prints medians; writes
-benchmarks/results/preview-<shape>.json.
+benchmarks/results/preview-<shape>.json. With SAMHQ_UI_ISOLATE=1 in the environment the page is cross-origin
+isolated and the worker uses wasm threads (up to 4, at most the machine's cores).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             assert page.evaluate("window.samhq.previewState.state") == "ready", state
             ready_s = time.perf_counter() - start
             loaded = page.evaluate("window.samhq.previewState.bytes")
+            threads = page.evaluate("window.samhq.previewState.threads")
+            isolated = page.evaluate("crossOriginIsolated")
             info = page.evaluate("window.samhq.previewState.info")
             sid = page.evaluate("window.samhq.session")
             with http.stream("GET", info["features"], headers={"Accept-Encoding": "gzip"}) as wire:
@@ -188,12 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_graph_bytes": loaded.get("decoder"),
         "decoder_load_ms": loaded.get("decoderMs"),
         "toggle_to_ready_s_incl_graph_export": ready_s,
+        "wasm_threads": threads,
+        "cross_origin_isolated": isolated,
         "runs": runs,
     }
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"preview-{args.shape}.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{MODEL_ID} ({args.shape} shape), picture {width}x{height}, {args.points} points, medians:\n")
+    print(
+        f"\n{MODEL_ID} ({args.shape} shape), picture {width}x{height}, {args.points} points, "
+        f"wasm threads {threads} (cross-origin isolated: {isolated}), medians:\n"
+    )
     print(
         "| pointer rests → preview drawn | of which wasm decoder | click → server answer painted | IoU median / min |"
     )

@@ -23,6 +23,7 @@ from segmentation.settings import Settings
 
 from . import gradio_errors, login
 from .guard import guard_file_inputs
+from .preview_routes import CrossOriginIsolation, preview_options
 from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
 from .sessions import SessionStore
@@ -180,6 +181,8 @@ def mount_page(
     )
     install_page_routes(app, routes, ClientIdentity.from_env())
     app.add_middleware(NoGradioUploads)
+    if preview_options()["isolate"]:  # wasm threads for the hover preview (ui/preview_routes.py)
+        app.add_middleware(CrossOriginIsolation)
     accounts = login.accounts_from_env()
     app.add_middleware(login.PageLogin, gradio_app=lambda: _gradio_app(app))
     app.state.page = routes

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,32 @@ def preview_options() -> dict[str, Any]:
         "default_on": os.environ.get("SAMHQ_UI_PREVIEW_DEFAULT", "off").strip().lower() in ("1", "true", "on"),
         "max_bytes": int(_env_number("SAMHQ_UI_PREVIEW_MB", 32) * 2**20),
         "streams": max(1, int(_env_number("SAMHQ_UI_PREVIEW_STREAMS", 4))),
+        "isolate": os.environ.get("SAMHQ_UI_ISOLATE", "0").strip().lower() in ("1", "true", "on", "yes"),
     }
+
+
+class CrossOriginIsolation:
+    """ASGI middleware (SAMHQ_UI_ISOLATE=1): COOP same-origin + COEP require-corp on every answer, so the page is
+    cross-origin isolated and onnxruntime-web may run wasm threads. Off by default: tested in Chromium, Gradio's
+    page still loads, uploads and clicks with it (docs/RELIABILITY.md), but an embedding page (an HF Space's
+    iframe) or a cross-origin resource without CORP added later would be blocked or not isolated."""
+
+    HEADERS = [(b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-embedder-policy", b"require-corp")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def isolated(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, isolated)
 
 
 def pack_features(features) -> bytes:
@@ -200,7 +226,7 @@ class PreviewRoutes:
             "decoder": f"/ui/preview/decoder/{value.stem}.onnx",
             "runtime": f"/ui/preview/runtime/{RUNTIME_VERSION}/",
             "worker": "/ui/preview/worker.js",
-            "threads": 1,
+            "threads": 4 if self.options["isolate"] else 1,  # used only where the page is cross-origin isolated
         }
 
     def features_file(self, entry: Entry, token: str) -> Path:
@@ -249,15 +275,26 @@ class PreviewRoutes:
         else:
             source = gzip.GzipFile(fileobj=file, mode="rb")
 
+        released = [False]
+
+        def release() -> None:  # once: at the last byte, or when a response that never started is dropped
+            with self._lock:
+                if released[0]:
+                    return
+                released[0] = True
+                self.streams -= 1
+            file.close()
+
         def chunks():
             try:
-                with file, source:
-                    while chunk := source.read(CHUNK):
-                        yield chunk
+                while chunk := source.read(CHUNK):
+                    yield chunk
             finally:
-                self._done()
+                release()
 
-        return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)
+        body = chunks()
+        weakref.finalize(body, release)  # a client gone before the body started never runs the generator
+        return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
 
     def _done(self) -> None:
         with self._lock:

@@ -25,7 +25,8 @@ async function init(message) {
   if (!ort) {
     ort = await import(message.runtime + "ort.wasm.min.mjs");
     ort.env.wasm.wasmPaths = message.runtime;
-    ort.env.wasm.numThreads = message.threads || 1;
+    // threads need SharedArrayBuffer, i.e. a cross-origin isolated page (SAMHQ_UI_ISOLATE=1); else one thread
+    ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(message.threads || 1, navigator.hardwareConcurrency || 1)) : 1;
   }
   if (decoderUrl === message.decoder && session) return { bytes: 0, ms: 0 };
   const start = performance.now();
@@ -34,7 +35,7 @@ async function init(message) {
   const graph = new Uint8Array(await response.arrayBuffer());
   session = await ort.InferenceSession.create(graph, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
   decoderUrl = message.decoder;
-  return { bytes: graph.byteLength, ms: performance.now() - start };
+  return { bytes: graph.byteLength, ms: performance.now() - start, threads: ort.env.wasm.numThreads };
 }
 
 async function features(message) {

@@ -78,7 +78,7 @@
             show("loading", "loading the decoder…");
             const loaded = await ask({ type: "init", runtime: info.runtime, decoder: info.decoder, threads: info.threads });
             P.decoder = info.decoder;
-            P.bytes.decoder = loaded.bytes; P.bytes.decoderMs = loaded.ms;
+            P.bytes.decoder = loaded.bytes; P.bytes.decoderMs = loaded.ms; P.threads = loaded.threads;
           }
           if (P.key !== info.key) {
             show("loading", "loading the picture's features…");
