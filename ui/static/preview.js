@@ -90,6 +90,7 @@
           }
           if (!S.view.picture || !S.view.picture.embedded) continue;
           show("ready", "on");
+          if (P.pointer && P.pointer.rested) setTimeout(kick, 0); // the pointer waited on the picture meanwhile
           return;
         }
       } catch (error) {
