@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads; 0 = the usable cores (SAMHQ_THREADS)")
     parser.add_argument(
+        "--decoder", choices=("auto", "torch", "onnx"), help="the prompt decoder's runtime (SAMHQ_DECODER, auto)"
+    )
+    parser.add_argument(
         "--backend",
         default=os.environ.get("SAMHQ_BACKEND_URL") or None,
         help="segment through this remote API (ours or the Ray Serve app); no model here (SAMHQ_BACKEND_URL)",
@@ -164,6 +167,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["compile"] = True
     if args.threads is not None:
         changes["threads"] = args.threads
+    if args.decoder:
+        changes["decoder"] = args.decoder
     settings = dataclasses.replace(settings, **changes)
     if settings.models and settings.model not in settings.models:
         settings = dataclasses.replace(settings, models=(settings.model, *settings.models))

@@ -226,6 +226,7 @@ class Segmenter:
         self.max_pixels = max_pixels
         self.hq = dec.is_hq(self.model)
         self._positions = dec.positional_tokens(self.model)
+        self.onnx_decoder = None  # an onnx_decoder.OnnxDecoder when `use_decoder` chose ONNX Runtime
         self._encode_lock = threading.Lock()
         self._decodes_running = 0  # clicks' decodes in flight: a "segment everything" run yields to them
         self._quiet = threading.Condition()
@@ -240,9 +241,11 @@ class Segmenter:
         cache_bytes: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         compile: bool = False,
+        decoder: str = "torch",
     ) -> Segmenter:
         """Load `name` (hub id or folder). dtype `auto`: float32 on CPU; on GPU the half precision
-        whose masks agree with float32 on a test picture, else float32. `compile`: see `compile_encoder`."""
+        whose masks agree with float32 on a test picture, else float32. `compile`: see `compile_encoder`.
+        `decoder`: torch, onnx or auto (see `use_decoder`)."""
         torch_device = resolve_device(device)
         explicit = parse_dtype(dtype)
         loaded = load_model(name, torch_device, explicit)
@@ -254,7 +257,30 @@ class Segmenter:
                 segmenter = segmenter.with_precision_if_agreeing(candidate)
         if compile:
             segmenter.compile_encoder()
+        segmenter.use_decoder(decoder)
         return segmenter
+
+    def use_decoder(self, setting: str) -> str:
+        """Run the prompt decoder on torch, ONNX Runtime (`onnx`), or whichever is faster here (`auto`);
+        see `onnx_decoder.choose_decoder`. Returns the backend in effect: "torch" or "onnx"."""
+        from .onnx_decoder import choose_decoder, parse_decoder
+
+        setting = parse_decoder(setting)
+        self.onnx_decoder = None
+        if setting != "torch":
+            self.onnx_decoder = choose_decoder(
+                setting, self.model, self.model_id, self.device, self.dtype, self._positions
+            )
+        return self.decoder_backend
+
+    @property
+    def decoder_backend(self) -> str:
+        return "torch" if self.onnx_decoder is None else "onnx"
+
+    def _run_decoder(self, features: dec.PictureFeatures, points, labels, boxes) -> dec.DecoderOutput:
+        if self.onnx_decoder is not None:
+            return self.onnx_decoder(features, points, labels, boxes)
+        return dec.decode(self.model, features, self._positions, points, labels, boxes)
 
     def compile_encoder(self) -> float:
         """`torch.compile` the image encoder and pay the compilation now, on a blank picture, not on a
@@ -475,7 +501,7 @@ class Segmenter:
                 if boxes is not None:
                     corners = to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4)
                     boxes_t = torch.as_tensor(corners, dtype=self.dtype, device=self.device)
-                output = dec.decode(self.model, embedding.features, self._positions, points_t, labels_t, boxes_t)
+                output = self._run_decoder(embedding.features, points_t, labels_t, boxes_t)
                 ambiguous = torch.full((len(rows),), prompt.objects[rows[0]].ambiguous, device=self.device)
                 ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)
                 if logits is None:

@@ -113,6 +113,7 @@ class ModelRegistry:
                     cache_bytes=self.cache.max_bytes,
                     max_pixels=self.settings.max_pixels,
                     compile=self.settings.compile,
+                    decoder=self.settings.decoder,
                 )
             except ModelUnavailableError as error:
                 self._failures[name] = (time.monotonic(), error)

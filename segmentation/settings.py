@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from .models import DEFAULT_MODEL_ID
 
+DECODERS = ("auto", "torch", "onnx")  # SAMHQ_DECODER's values (onnx_decoder.choose_decoder says what each does)
+
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
@@ -31,6 +33,13 @@ def _env_float(name: str, default: float) -> float:
 def _env_flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     return default if not raw else raw not in ("0", "false", "no", "off")
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw and raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw or default
 
 
 def _env_list(name: str) -> list[str]:
@@ -61,6 +70,9 @@ class Settings:
     compile: bool = False  # SAMHQ_COMPILE: torch.compile the image encoder at load
     threads: int = 0  # SAMHQ_THREADS: torch CPU threads; 0 = the cores this process may use
     ui_decode_mb: int = 256  # SAMHQ_UI_DECODE_MB: the page's per-object decodes kept for all sessions together
+    # SAMHQ_DECODER: auto | torch | onnx, the prompt decoder's runtime (segmentation/onnx_decoder.py). A server
+    # reads it with `from_env`, default auto; Settings built in code (tests comparing with a torch decode) get torch.
+    decoder: str = "torch"
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -93,4 +105,5 @@ class Settings:
             compile=_env_flag("SAMHQ_COMPILE", False),
             threads=_env_int("SAMHQ_THREADS", 0),
             ui_decode_mb=_env_int("SAMHQ_UI_DECODE_MB", 256),
+            decoder=_env_choice("SAMHQ_DECODER", DECODERS, "auto"),
         )

@@ -128,7 +128,9 @@ class BatchingSegmenter(Segmenter):
     @classmethod
     def wrapping(cls, segmenter: Segmenter) -> BatchingSegmenter:
         """The same loaded model, cache and limits (whatever precision `from_pretrained` chose)."""
-        return cls(segmenter.loaded, segmenter.cache, segmenter.max_pixels)
+        wrapped = cls(segmenter.loaded, segmenter.cache, segmenter.max_pixels)
+        wrapped.onnx_decoder = segmenter.onnx_decoder  # the decoder backend `from_pretrained` chose
+        return wrapped
 
     def decode(self, embedding: Embedding, prompt: Any, labels: Any = None, **options: Any) -> Decoded:
         if (
