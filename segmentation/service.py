@@ -442,11 +442,11 @@ GRAPH_EXPORT_TIMEOUT = 900.0
 _graph_paths: dict[int, tuple[Any, Path]] = {}  # a loaded model's graph, so its weights are hashed once
 
 
-def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> Path:
+def browser_decoder_path(registry: ModelRegistry, model: str | None = None, sam_only: bool = False) -> Path:
     """The served model's browser decoder graph (`onnx_graph.export_browser_decoder`), exported on first use into
     `browser_graph_folder()` under a name holding a digest of the decoder's weights (a new checkpoint under the
     same id gets a new graph) and reused after. One export at a time in the process (it takes seconds), in a
-    child process."""
+    child process. `sam_only`: the graph of SAM's own tokens, without the HQ mask (`BrowserDecoder`)."""
     import hashlib
     import subprocess
     import sys
@@ -457,7 +457,7 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
         raise PreviewUnavailable(
             f"The hover preview needs a SAM-HQ model (its HQ features); {segmenter.model_id} has none."
         )
-    known = _graph_paths.get(id(segmenter))
+    known = _graph_paths.get((id(segmenter), sam_only))
     if known is not None and known[0] is segmenter and known[1].exists():
         return known[1]
     digest = hashlib.sha256()
@@ -466,10 +466,11 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
             digest.update(key.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in segmenter.model_id)[-80:]
-    path = browser_graph_folder() / f"{safe}-{digest.hexdigest()[:16]}-browser-decoder.onnx"
+    variant = "browser-sam-decoder" if sam_only else "browser-decoder"
+    path = browser_graph_folder() / f"{safe}-{digest.hexdigest()[:16]}-{variant}.onnx"
     with _graph_lock:
         if path.exists():
-            _graph_paths[id(segmenter)] = (segmenter, path)
+            _graph_paths[(id(segmenter), sam_only)] = (segmenter, path)
             return path
         start = time.perf_counter()
         partial = path.with_name(f"{path.stem}.{os.getpid()}.part.onnx")
@@ -478,6 +479,7 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
         # click decoding in another thread of this server meanwhile failed ("fake_mode.in_kernel_invocation").
         # The child loads the same checkpoint (by its served name, from the same cache) and writes the graph.
         command = [sys.executable, "-m", "segmentation.onnx_graph", "--model", name, "--browser", "--out", str(partial)]
+        command += ["--sam-only"] if sam_only else []
         try:
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=GRAPH_EXPORT_TIMEOUT)
         except subprocess.TimeoutExpired as error:
@@ -489,7 +491,7 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
             log.warning("browser decoder for %s failed: %s", segmenter.model_id, last)
             raise PreviewUnavailable(f"The hover preview's decoder cannot be built here ({last}).")
         os.replace(partial, path)  # whole or absent: a reader never sees half a graph
-        _graph_paths[id(segmenter)] = (segmenter, path)
+        _graph_paths[(id(segmenter), sam_only)] = (segmenter, path)
         log.info(
             "browser decoder for %s: %.1f s, %.1f MB",
             segmenter.model_id,
@@ -502,22 +504,26 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None) -> P
 @dataclass(frozen=True)
 class PreviewFeatures:
     """What the browser's decoder needs of one picture, as float16 arrays (`PictureFeatures.tokens` and
-    `.hq_features`), with the sizes it upscales its mask by (as `decoder.upscale_logits` does)."""
+    `.hq_features`, None for the SAM-tokens graph, which does not take them), with the sizes it upscales its mask
+    by (as `decoder.upscale_logits` does)."""
 
     key: str
     tokens: np.ndarray  # (1, 1, H*W, C) float16
-    hq_features: np.ndarray  # (1, C/8, 4H, 4W) float16
+    hq_features: np.ndarray | None  # (1, C/8, 4H, 4W) float16
     original_size: tuple[int, int]  # (height, width)
     resized_size: tuple[int, int]  # (height, width) inside the 1024 frame
 
     @property
     def nbytes(self) -> int:
-        return self.tokens.nbytes + self.hq_features.nbytes
+        return self.tokens.nbytes + (self.hq_features.nbytes if self.hq_features is not None else 0)
 
 
-def preview_features(registry: ModelRegistry, model: str, key: str | None, source: Any) -> PreviewFeatures:
+def preview_features(
+    registry: ModelRegistry, model: str, key: str | None, source: Any, with_hq: bool = True
+) -> PreviewFeatures:
     """A picture's features for the browser: its embedding from the cache by `key`, else computed from `source`
-    (the picture's file) through the same limits as any embed."""
+    (the picture's file) through the same limits as any embed. Without `with_hq`, no HQ features (the SAM-tokens
+    graph's page need not fetch them)."""
     import torch
 
     segmenter = registry.get(model)
@@ -536,7 +542,7 @@ def preview_features(registry: ModelRegistry, model: str, key: str | None, sourc
     return PreviewFeatures(
         embedding.key,
         half(features.tokens),
-        half(features.hq_features),
+        half(features.hq_features) if with_hq else None,
         tuple(embedding.original_size),
         tuple(embedding.resized_size),
     )
