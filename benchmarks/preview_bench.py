@@ -1,10 +1,12 @@
-"""The hover preview in real Chromium, side by side with the click it previews, on the same server and page.
+"""The hover preview in real Chromium, side by side with the click it previews: both preview graphs in one run.
 
     python benchmarks/preview_bench.py                  # ViT-B shape, CPU, 800×600 picture, 12 points
     python benchmarks/preview_bench.py --shape tiny --points 4
 
-The page is opened in Debian's Chromium (Playwright, executable_path=/usr/bin/chromium), a picture uploaded
-and the preview turned on (#preview-toggle). For each point: the pointer moves there and rests; measured in
+Two servers of the same checkpoint in this process, one per preview graph (SAMHQ_UI_PREVIEW_GRAPH: `sam`, SAM's
+tokens without the HQ mask, and `hq`, the full HQ answer a click gets), each with its page in Debian's Chromium
+(Playwright, executable_path=/usr/bin/chromium), a picture uploaded and the preview turned on (#preview-toggle);
+the two are measured point by point, interleaved, so both see the same machine load. For each point: the pointer moves there and rests; measured in
 the browser, the time from the pointer's last move to the preview drawn (next animation frame); then a
 click at the same place, its answer painted (click → overlay painted, the page's warm click round trip), and
 the agreement of the preview's mask with the server's mask for that click (IoU at the page's preview size);
@@ -107,6 +109,75 @@ def hover_and_click(page, x: float, y: float, width: int, height: int) -> dict:
     return {"preview": timing, "click_ms": overlay["ms"], "agreement": agreement}
 
 
+GRAPHS = ("sam", "hq")  # SAMHQ_UI_PREVIEW_GRAPH: SAM's tokens only (the default), the full HQ answer
+
+
+def open_page(browser, url: str, path: Path) -> tuple:
+    """A page of `url` with the picture uploaded and the preview on and ready; (page, its one-off figures)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.set_default_timeout(900_000)
+    page.goto(url)
+    page.wait_for_selector("#samhq[data-ready='1']")
+    page.locator("#file").set_input_files(str(path))
+    page.get_by_text("Picture ready").wait_for()
+    start = time.perf_counter()
+    if not page.locator("#preview-toggle").is_checked():
+        page.locator("#preview-toggle").check()
+    page.wait_for_function(
+        "window.samhq.previewState.state === 'ready' || /unavailable/.test(document.querySelector('#preview-state').textContent)"
+    )
+    state = page.locator("#preview-state").text_content()
+    assert page.evaluate("window.samhq.previewState.state") == "ready", state
+    return page, {
+        "toggle_to_ready_s_incl_graph_export": time.perf_counter() - start,
+        "loaded": page.evaluate("window.samhq.previewState.bytes"),
+        "threads": page.evaluate("window.samhq.previewState.threads"),
+        "isolated": page.evaluate("crossOriginIsolated"),
+        "info": page.evaluate("window.samhq.previewState.info"),
+    }
+
+
+def wire_bytes(http: httpx.Client, url: str) -> int:
+    with http.stream("GET", url, headers={"Accept-Encoding": "gzip"}) as wire:
+        for _ in wire.iter_raw():
+            pass
+        return wire.num_bytes_downloaded
+
+
+def load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def summary(graph: str, runs: list[dict], once: dict, features_wire: int) -> dict:
+    ious = [r["agreement"]["iou"] for r in runs]
+    loaded = once["loaded"]
+    return {
+        "graph": graph,
+        "rest_to_preview_drawn_ms": median([r["preview"]["ms"] for r in runs]),
+        "wasm_run_ms": median([r["preview"]["run"] for r in runs]),
+        "upscale_ms": median([r["preview"]["upscale"] for r in runs]),
+        "click_to_overlay_painted_ms": median([r["click_ms"] for r in runs]),
+        "preview_before_click_share": sum(r["preview"]["ms"] < r["click_ms"] for r in runs) / len(runs),
+        "iou_median": median(ious),
+        "iou_min": min(ious),
+        "mask_fraction_server_median": median([r["agreement"]["server"] for r in runs]),
+        "mask_fraction_preview_median": median([r["agreement"]["preview"] for r in runs]),
+        "features_bytes_wire": features_wire,
+        "features_bytes_unpacked": loaded.get("features"),
+        "features_load_ms": loaded.get("featuresMs"),
+        "decoder_graph_bytes": loaded.get("decoder"),
+        "decoder_load_ms": loaded.get("decoderMs"),
+        "toggle_to_ready_s_incl_graph_export": once["toggle_to_ready_s_incl_graph_export"],
+        "wasm_threads": once["threads"],
+        "cross_origin_isolated": once["isolated"],
+        "runs": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="base", choices=["tiny", "base", "large", "huge"])
@@ -129,92 +200,74 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="samhq-bench-pictures-"))
     path = tmp / "picture.jpg"
     path.write_bytes(picture(width, height))
+    applications = {}
+    for graph in GRAPHS:  # one server per graph (the setting is read when the app is built), both in this run
+        os.environ["SAMHQ_UI_PREVIEW_GRAPH"] = graph
+        applications[graph] = app.build_app(settings)
+    load_before = load()
     try:
         with (
-            LiveServer(app.build_app(settings)) as server,
-            httpx.Client(base_url=server.url, timeout=600) as http,
+            LiveServer(applications["sam"]) as sam_server,
+            LiveServer(applications["hq"]) as hq_server,
+            httpx.Client(timeout=600) as http,
             sync_playwright() as playwright,
         ):
+            servers = {"sam": sam_server, "hq": hq_server}
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("dialog", lambda dialog: dialog.accept())
-            page.set_default_timeout(900_000)
-            page.goto(server.url)
-            page.wait_for_selector("#samhq[data-ready='1']")
-            page.locator("#file").set_input_files(str(path))
-            page.get_by_text("Picture ready").wait_for()
-            start = time.perf_counter()
-            if not page.locator("#preview-toggle").is_checked():
-                page.locator("#preview-toggle").check()
-            page.wait_for_function(
-                "window.samhq.previewState.state === 'ready' || /unavailable/.test(document.querySelector('#preview-state').textContent)"
-            )
-            state = page.locator("#preview-state").text_content()
-            assert page.evaluate("window.samhq.previewState.state") == "ready", state
-            ready_s = time.perf_counter() - start
-            loaded = page.evaluate("window.samhq.previewState.bytes")
-            threads = page.evaluate("window.samhq.previewState.threads")
-            isolated = page.evaluate("crossOriginIsolated")
-            info = page.evaluate("window.samhq.previewState.info")
-            sid = page.evaluate("window.samhq.session")
-            with http.stream("GET", info["features"], headers={"Accept-Encoding": "gzip"}) as wire:
-                for _ in wire.iter_raw():
-                    pass
-                features_wire = wire.num_bytes_downloaded
-            assert sid in info["features"]
-            runs = []
-            for i in range(args.points):
+            pages, once, features_wire = {}, {}, {}
+            for graph in GRAPHS:
+                pages[graph], once[graph] = open_page(browser, servers[graph].url, path)
+                features_wire[graph] = wire_bytes(http, servers[graph].url + once[graph]["info"]["features"])
+                assert once[graph]["info"]["graph"] == graph, once[graph]["info"]
+            runs: dict[str, list[dict]] = {graph: [] for graph in GRAPHS}
+            for i in range(args.points):  # the two previews interleaved point by point: the same load on both
                 x = width * (0.15 + 0.7 * ((i * 5) % args.points) / args.points)
                 y = height * (0.2 + 0.6 * ((i * 3) % args.points) / args.points)
-                runs.append(hover_and_click(page, round(x, 1), round(y, 1), width, height))
-                print(f"point {i + 1}: {runs[-1]}", flush=True)
+                for graph in GRAPHS if i % 2 == 0 else GRAPHS[::-1]:
+                    pages[graph].bring_to_front()
+                    runs[graph].append(hover_and_click(pages[graph], round(x, 1), round(y, 1), width, height))
+                    print(f"point {i + 1} {graph}: {runs[graph][-1]}", flush=True)
             browser.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(_HF_HOME, ignore_errors=True)
-    ious = [r["agreement"]["iou"] for r in runs]
+    results = {graph: summary(graph, runs[graph], once[graph], features_wire[graph]) for graph in GRAPHS}
     result = {
         "model": MODEL_ID,
         "shape": args.shape,
         "picture": f"{width}x{height}",
         "points": args.points,
-        "rest_to_preview_drawn_ms": median([r["preview"]["ms"] for r in runs]),
-        "wasm_run_ms": median([r["preview"]["run"] for r in runs]),
-        "upscale_ms": median([r["preview"]["upscale"] for r in runs]),
-        "click_to_overlay_painted_ms": median([r["click_ms"] for r in runs]),
-        "iou_median": median(ious),
-        "iou_min": min(ious),
-        "mask_fraction_server_median": median([r["agreement"]["server"] for r in runs]),
-        "features_bytes_wire": features_wire,
-        "features_bytes_unpacked": loaded.get("features"),
-        "features_load_ms": loaded.get("featuresMs"),
-        "decoder_graph_bytes": loaded.get("decoder"),
-        "decoder_load_ms": loaded.get("decoderMs"),
-        "toggle_to_ready_s_incl_graph_export": ready_s,
-        "wasm_threads": threads,
-        "cross_origin_isolated": isolated,
-        "runs": runs,
+        "load_average_before": load_before,
+        "load_average_after": load(),
+        "cpu_count": os.cpu_count(),
+        **results,
     }
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"preview-{args.shape}.json").write_text(json.dumps(result, indent=1))
     print(
-        f"\n{MODEL_ID} ({args.shape} shape), picture {width}x{height}, {args.points} points, "
-        f"wasm threads {threads} (cross-origin isolated: {isolated}), medians:\n"
+        f"\n{MODEL_ID} ({args.shape} shape), picture {width}x{height}, {args.points} points per graph, "
+        f"load average {load_before} → {result['load_average_after']} on {os.cpu_count()} cores, medians:\n"
     )
     print(
-        "| pointer rests → preview drawn | of which wasm decoder | click → server answer painted | IoU median / min |"
+        "| preview graph | pointer rests → preview drawn | of which wasm decoder | click → server answer painted "
+        "| preview first | IoU with the click's answer, median / min | features per picture (gzip) "
+        "| decoder graph per model |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    for graph, r in results.items():
+        print(
+            f"| {graph} | {r['rest_to_preview_drawn_ms']:.0f} ms | {r['wasm_run_ms']:.0f} ms | "
+            f"{r['click_to_overlay_painted_ms']:.0f} ms | {r['preview_before_click_share']:.0%} | "
+            f"{r['iou_median']:.3f} / {r['iou_min']:.3f} | {r['features_bytes_wire'] / 2**20:.2f} MB "
+            f"({(r['features_bytes_unpacked'] or 0) / 2**20:.2f} MB unpacked) | "
+            f"{(r['decoder_graph_bytes'] or 0) / 2**20:.1f} MB |"
+        )
     print(
-        f"| {result['rest_to_preview_drawn_ms']:.0f} ms | {result['wasm_run_ms']:.0f} ms | "
-        f"{result['click_to_overlay_painted_ms']:.0f} ms | {result['iou_median']:.3f} / {result['iou_min']:.3f} |"
-    )
-    print(
-        f"\nbytes: features {features_wire / 2**20:.2f} MB on the wire (gzip), "
-        f"{(result['features_bytes_unpacked'] or 0) / 2**20:.2f} MB float16 unpacked, per picture; "
-        f"decoder graph {(result['decoder_graph_bytes'] or 0) / 2**20:.2f} MB per model (once). "
-        f"Toggle → ready {ready_s:.1f} s (graph export on first use included)."
+        "\nwasm threads "
+        + ", ".join(f"{g} {r['wasm_threads']} (isolated: {r['cross_origin_isolated']})" for g, r in results.items())
+        + "; toggle → ready (graph export on first use included): "
+        + ", ".join(f"{g} {r['toggle_to_ready_s_incl_graph_export']:.1f} s" for g, r in results.items())
     )
     return 0
 

@@ -66,7 +66,8 @@ def test_features_graph_and_runtime_as_the_browser_gets_them(served):
     registry = application.state.page.backend.registry
     embedding = registry.get(HQ_ID).cached(application.state.page.store.get(sid).session.picture.key)
     got = unpack_features(answer.content)
-    for name, tensor in (("tokens", embedding.features.tokens), ("hq_features", embedding.features.hq_features)):
+    assert info["graph"] == "sam" and "hq_features" not in got  # the default SAM-tokens graph needs no HQ features
+    for name, tensor in (("tokens", embedding.features.tokens),):
         expected = tensor.float().numpy()
         assert got[name].shape == expected.shape
         np.testing.assert_allclose(
@@ -80,11 +81,11 @@ def test_features_graph_and_runtime_as_the_browser_gets_them(served):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(graph.content, providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {"tokens", "point_coords", "point_labels"}
     low, score = session.run(
         None,
         {
             "tokens": got["tokens"].astype(np.float32),
-            "hq_features": got["hq_features"].astype(np.float32),
             "point_coords": np.array([[[300.0, 200.0], [0.0, 0.0]]], np.float32),
             "point_labels": np.array([[1.0, -1.0]], np.float32),
         },

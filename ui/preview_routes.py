@@ -1,9 +1,12 @@
 """The hover preview's routes: what the browser needs to run the decoder itself while the pointer rests.
 
-Per picture the page fetches its features once (`PictureFeatures.tokens` and `.hq_features` as float16, gzip),
-per model the decoder graph once (`onnx_graph.export_browser_decoder`, exported on first use and kept on disk,
-see `service.browser_decoder_path`), and onnxruntime-web's files from our own server (ui/static/vendor; no CDN).
+Per picture the page fetches its features once (`PictureFeatures.tokens`, and `.hq_features` for the HQ graph,
+as float16, gzip), per model the decoder graph once (`onnx_graph.export_browser_decoder`, exported on first use
+and kept on disk, see `service.browser_decoder_path`), and onnxruntime-web's files from our own server (ui/static/vendor; no CDN).
 A click still goes to the server, whose answer is authoritative: the preview is only a drawing.
+
+Which graph (SAMHQ_UI_PREVIEW_GRAPH): `sam` (default), the first-ranked candidate of SAM's own tokens without the
+HQ mask, about twice as fast as `hq`, the full HQ answer a click gets (docs/PERFORMANCE.md has the figures).
 
 The same rules as the page's downloads: the features route is per session and runs in the session's turn
 (unknown or expired session 404, a picture key that is not the session's current one 404), takes a model slot
@@ -65,6 +68,7 @@ def preview_options() -> dict[str, Any]:
         "max_bytes": int(_env_number("SAMHQ_UI_PREVIEW_MB", 32) * 2**20),
         "streams": max(1, int(_env_number("SAMHQ_UI_PREVIEW_STREAMS", 4))),
         "isolate": os.environ.get("SAMHQ_UI_ISOLATE", "0").strip().lower() in ("1", "true", "on", "yes"),
+        "graph": "hq" if os.environ.get("SAMHQ_UI_PREVIEW_GRAPH", "sam").strip().lower() == "hq" else "sam",
     }
 
 
@@ -95,9 +99,12 @@ class CrossOriginIsolation:
 def pack_features(features) -> bytes:
     """`service.PreviewFeatures` as one file: MAGIC, a little-endian u32 header length, the JSON header (sizes,
     each array's shape and offset), zero pad to 8 bytes, then each float16 array as two byte planes (all low
-    bytes, then all high bytes), which gzip packs much tighter than interleaved halves."""
+    bytes, then all high bytes), which gzip packs much tighter than interleaved halves. No hq_features (the
+    SAM-tokens graph), no such array."""
     arrays, payload, offset = [], [], 0
     for name in ("tokens", "hq_features"):
+        if getattr(features, name) is None:
+            continue
         array = np.ascontiguousarray(getattr(features, name), dtype="<f2")
         planes = array.view(np.uint8).reshape(-1, 2).T.tobytes()
         arrays.append({"name": name, "shape": list(array.shape), "offset": offset, "bytes": len(planes)})
@@ -132,17 +139,19 @@ def unpack_features(data: bytes) -> dict[str, Any]:
     return out
 
 
-def picture_token(key: str) -> str:
-    """The URL name of a picture's features: a digest of its embedding key (which holds the model id's '/')."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+def picture_token(key: str, graph: str = "hq") -> str:
+    """The URL name of a picture's features: a digest of its embedding key (which holds the model id's '/') and of
+    the graph they are for (the files differ, and each is immutable under its URL)."""
+    return hashlib.sha256((key if graph == "hq" else f"{key}|{graph}").encode()).hexdigest()[:32]
 
 
 class PreviewGraphs:
     """The browser decoder graph of each served model, exported once in a background thread (seconds: no
     request waits for it, the page asks again), then served by its weight digest."""
 
-    def __init__(self, registry):
+    def __init__(self, registry, sam_only: bool = False):
         self.registry = registry
+        self.sam_only = sam_only
         self.state: dict[str, tuple[str, Any]] = {}  # model → ("building", None) | ("ready", Path) | ("failed", why)
         self.by_name: dict[str, Path] = {}
         self._lock = threading.Lock()
@@ -163,7 +172,7 @@ class PreviewGraphs:
         from segmentation.service import browser_decoder_path
 
         try:
-            path = browser_decoder_path(self.registry, model)
+            path = browser_decoder_path(self.registry, model, sam_only=self.sam_only)
             state: tuple[str, Any] = ("ready", path)
             self.by_name[path.stem] = path
         except SegmentationError as failure:
@@ -182,7 +191,8 @@ class PreviewRoutes:
         self.routes = routes
         self.options = preview_options()
         registry = getattr(routes.backend, "registry", None)  # None: a remote backend (app.py --backend)
-        self.graphs = PreviewGraphs(registry) if registry is not None else None
+        sam_only = self.options["graph"] == "sam"
+        self.graphs = PreviewGraphs(registry, sam_only) if registry is not None else None
         self.streams = 0
         self._lock = threading.Lock()
 
@@ -215,7 +225,7 @@ class PreviewRoutes:
         picture = session.picture
         if picture is None or picture.key is None:
             return {**base, "state": "waiting", "reason": "The preview starts when the picture is ready."}
-        sid, token = session.id, picture_token(picture.key)
+        sid, token = session.id, picture_token(picture.key, self.options["graph"])
         return {
             **base,
             "available": True,
@@ -227,6 +237,7 @@ class PreviewRoutes:
             "runtime": f"/ui/preview/runtime/{RUNTIME_VERSION}/",
             "worker": "/ui/preview/worker.js",
             "threads": 4 if self.options["isolate"] else 1,  # used only where the page is cross-origin isolated
+            "graph": self.options["graph"],
         }
 
     def features_file(self, entry: Entry, token: str) -> Path:
@@ -234,13 +245,16 @@ class PreviewRoutes:
         from segmentation.service import preview_features
 
         session = entry.session
-        if session.picture is None or session.picture.key is None or picture_token(session.picture.key) != token:
+        graph = self.options["graph"]
+        if session.picture is None or session.picture.key is None or picture_token(session.picture.key, graph) != token:
             raise LookupError
         key = session.picture.key
         path = entry.folder / f"preview-features-{token}.gz"
         if path.exists():
             return path
-        features = preview_features(self.routes.backend.registry, session.model, key, session.picture.source)
+        features = preview_features(
+            self.routes.backend.registry, session.model, key, session.picture.source, with_hq=graph == "hq"
+        )
         if features.key != key:  # the pixels hash to another key than the session recorded: not this picture
             raise LookupError
         if features.nbytes > self.options["max_bytes"]:
@@ -330,7 +344,7 @@ def install_preview_routes(router: APIRouter, routes: PageRoutes, guarded) -> Pr
             return error(404, reason, "preview_unavailable")
         etag = f'"{key[:64]}"'
         picture = entry.session.picture
-        if picture is None or picture.key is None or picture_token(picture.key) != key:
+        if picture is None or picture.key is None or picture_token(picture.key, preview.options["graph"]) != key:
             return error(404, "No such picture in this session (it was replaced): ask for the preview again.")
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
