@@ -188,7 +188,9 @@ class BrowserDecoder(nn.Module):
         self.prompt = PromptTokens(model)
         self.grid = grid
         self.sam_only = sam_only
-        self.register_buffer("positions", dec.positional_tokens(model).clone(), persistent=False)
+        # a parameter, not a buffer: the exporter inlines a buffer as a Constant at each of its 3 uses (3 × 4 MB for
+        # ViT-B's 64×64×256 in the page's download); a parameter is one initializer
+        self.positions = nn.Parameter(dec.positional_tokens(model).clone(), requires_grad=False)
 
     def forward(self, tokens, point_coords, point_labels, hq_features=None):
         keys, values, queries = picture_projections(self.model, tokens, self.positions)
