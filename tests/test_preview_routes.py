@@ -30,6 +30,7 @@ def png_bytes(width=96, height=64, seed=4) -> bytes:
 def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SAMHQ_UI_SESSIONS_DIR", str(tmp_path_factory.mktemp("sessions")))
+        env.setenv("SAMHQ_UI_PREVIEW_GRAPH", "sam")  # the page's own test (test_preview_browser.py) has the default hq
         application = app.build_app(Settings(model=HQ_ID, preload_examples=False, device="cpu"))
     with LiveServer(application) as live, httpx.Client(base_url=live.url, timeout=120) as http:
         yield live, application, http
@@ -66,7 +67,7 @@ def test_features_graph_and_runtime_as_the_browser_gets_them(served):
     registry = application.state.page.backend.registry
     embedding = registry.get(HQ_ID).cached(application.state.page.store.get(sid).session.picture.key)
     got = unpack_features(answer.content)
-    assert info["graph"] == "sam" and "hq_features" not in got  # the default SAM-tokens graph needs no HQ features
+    assert info["graph"] == "sam" and "hq_features" not in got  # the SAM-tokens graph needs no HQ features
     for name, tensor in (("tokens", embedding.features.tokens),):
         expected = tensor.float().numpy()
         assert got[name].shape == expected.shape

@@ -5,8 +5,10 @@ as float16, gzip), per model the decoder graph once (`onnx_graph.export_browser_
 and kept on disk, see `service.browser_decoder_path`), and onnxruntime-web's files from our own server (ui/static/vendor; no CDN).
 A click still goes to the server, whose answer is authoritative: the preview is only a drawing.
 
-Which graph (SAMHQ_UI_PREVIEW_GRAPH): `sam` (default), the first-ranked candidate of SAM's own tokens without the
-HQ mask, about twice as fast as `hq`, the full HQ answer a click gets (docs/PERFORMANCE.md has the figures).
+Which graph (SAMHQ_UI_PREVIEW_GRAPH): `hq` (default), the very answer a click gets, or `sam`, the first-ranked
+candidate of SAM's own tokens without the HQ mask: ~1.6× faster in wasm and a third of the bytes per picture, but
+a different mask from the click's (docs/PERFORMANCE.md has the figures; neither comes before a click's answer on
+this 2-core CPU, hence the preview is off by default).
 
 The same rules as the page's downloads: the features route is per session and runs in the session's turn
 (unknown or expired session 404, a picture key that is not the session's current one 404), takes a model slot
@@ -68,7 +70,7 @@ def preview_options() -> dict[str, Any]:
         "max_bytes": int(_env_number("SAMHQ_UI_PREVIEW_MB", 32) * 2**20),
         "streams": max(1, int(_env_number("SAMHQ_UI_PREVIEW_STREAMS", 4))),
         "isolate": os.environ.get("SAMHQ_UI_ISOLATE", "0").strip().lower() in ("1", "true", "on", "yes"),
-        "graph": "hq" if os.environ.get("SAMHQ_UI_PREVIEW_GRAPH", "sam").strip().lower() == "hq" else "sam",
+        "graph": "sam" if os.environ.get("SAMHQ_UI_PREVIEW_GRAPH", "hq").strip().lower() == "sam" else "hq",
     }
 
 
