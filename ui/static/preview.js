@@ -89,7 +89,8 @@
             P.bytes.features = loaded.bytes; P.bytes.featuresMs = loaded.ms;
           }
           if (!S.view.picture || !S.view.picture.embedded) continue;
-          show("ready", "on");
+          // the SAM-tokens graph (SAMHQ_UI_PREVIEW_GRAPH=sam) previews a different mask from the click's: say so
+          show("ready", info.graph === "sam" ? "on (SAM's mask; a click gives SAM-HQ's)" : "on");
           if (P.pointer && P.pointer.rested) setTimeout(kick, 0); // the pointer waited on the picture meanwhile
           return;
         }
