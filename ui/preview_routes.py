@@ -6,7 +6,7 @@ and kept on disk, see `service.browser_decoder_path`), and onnxruntime-web's fil
 A click still goes to the server, whose answer is authoritative: the preview is only a drawing.
 
 Which graph (SAMHQ_UI_PREVIEW_GRAPH): `hq` (default), the very answer a click gets, or `sam`, the first-ranked
-candidate of SAM's own tokens without the HQ mask: ~1.6× faster in wasm and a third of the bytes per picture, but
+candidate of SAM's own tokens without the HQ mask: ~1.6-2.3× faster in wasm and a third of the bytes per picture, but
 a different mask from the click's (docs/PERFORMANCE.md has the figures; neither comes before a click's answer on
 this 2-core CPU, hence the preview is off by default).
 
