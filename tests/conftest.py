@@ -27,6 +27,9 @@ os.environ["HF_HOME"] = str(_HF_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("SAMHQ_PRELOAD_EXAMPLES", "0")
+# Servers read SAMHQ_DECODER from the environment (default auto: measure, maybe export an ONNX graph per worker);
+# tests compare label maps with torch exactly, so they run torch unless a test asks for ONNX itself.
+os.environ.setdefault("SAMHQ_DECODER", "torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
