@@ -102,6 +102,10 @@ def pytest_collection_modifyitems(session, config, items):
         return (1, 0) if item.path in heavy else (2, 0)
 
     items.sort(key=rank)  # stable: the order within a module (and among equals) stays
+    seen: set[str] = set()
+    shared = sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)})
+    if shared:  # pytest-xdist schedules by node id: all but one test of a shared id would silently not run
+        raise pytest.UsageError(f"tests share a node id (give each its own): {', '.join(shared[:5])}")
 
 
 def shared_folder(tmp_path_factory) -> Path:
