@@ -150,22 +150,57 @@ def first_ranked(output: dec.DecoderOutput, labels: torch.Tensor) -> tuple[torch
     return mask, score[:, 0]
 
 
+def first_sam_candidate(model, queries: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], labels: torch.Tensor):
+    """`first_ranked` of SAM's own tokens only (no HQ mask): the token is chosen by the same rule on the predicted
+    IoUs *before* any mask is made, so only its mask is computed (one hypernetwork product, not four), and the
+    HQ mask features (two 3×3 convolutions at 4H × 4W, the costliest part of the HQ decode) are never needed.
+    Each step is `decoder.decode_masks`' arithmetic for that token."""
+    decoder = model.mask_decoder
+    is_point = (labels == INCLUDE) | (labels == EXCLUDE)
+    ambiguous = (is_point.sum(dim=1) == 1) & ~(labels == BOX_TOP_LEFT).any(dim=1)  # (N,)
+    iou = decoder.iou_prediction_head(queries[0, :, 0, :])  # (N, 4)
+    chosen = torch.where(ambiguous, torch.argmax(iou[:, 1:4], dim=1) + 1, torch.zeros_like(ambiguous, dtype=torch.long))
+    score = torch.gather(iou, 1, chosen[:, None])[:, 0]
+    mask_tokens = queries[0, :, 1:, :]  # (N, tokens, C)
+    n_sam = len(decoder.output_hypernetworks_mlps)
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in range(n_sam)], dim=1)
+    hyper = torch.gather(hyper, 1, chosen[:, None, None].expand(-1, 1, hyper.shape[-1]))  # (N, 1, C/8)
+    n_objects = keys.shape[0]
+    height, width = grid
+    refined = keys.transpose(2, 3).reshape(n_objects, keys.shape[-1], height, width)
+    act = decoder.activation
+    upscaled = act(decoder.upscale_conv2(act(decoder.upscale_layer_norm(decoder.upscale_conv1(refined)))))
+    mask = (hyper @ upscaled.flatten(2)).reshape(n_objects, 1, *upscaled.shape[-2:])
+    return mask, score
+
+
 class BrowserDecoder(nn.Module):
     """tokens (1, 1, H*W, C), [hq_features (1, C/8, 4H, 4W)], point_coords (1, P, 2), point_labels (1, P) →
-    low_res_logits (1, 1, 4H, 4W) of the first-ranked candidate, score (1,)."""
+    low_res_logits (1, 1, 4H, 4W) of the first-ranked candidate, score (1,).
 
-    def __init__(self, model, grid: tuple[int, int]):
+    `sam_only`: the first-ranked candidate of SAM's own tokens, without the HQ mask (no `hq_features` input). The
+    HQ token still takes part in the two-way transformer, as in the server's decode, so SAM's tokens (and their
+    masks) are the server's; only the HQ mask, which the server adds to the chosen one, is left out."""
+
+    def __init__(self, model, grid: tuple[int, int], sam_only: bool = False):
         super().__init__()
         self.model = model
         self.prompt = PromptTokens(model)
         self.grid = grid
-        self.register_buffer("positions", dec.positional_tokens(model).clone(), persistent=False)
+        self.sam_only = sam_only
+        # a parameter, not a buffer: the exporter inlines a buffer as a Constant at each of its 3 uses (3 × 4 MB for
+        # ViT-B's 64×64×256 in the page's download); a parameter is one initializer
+        self.positions = nn.Parameter(dec.positional_tokens(model).clone(), requires_grad=False)
 
     def forward(self, tokens, point_coords, point_labels, hq_features=None):
         keys, values, queries = picture_projections(self.model, tokens, self.positions)
+        if self.sam_only and dec.is_hq(self.model):
+            hq_features = tokens  # only a marker: `decode_tokens` then adds the HQ token; its value is never read
         picture = dec.PictureFeatures(tokens, keys, values, queries, self.grid, hq_features)
         sparse = self.prompt(point_coords, point_labels)
         q, k = _call(dec.decode_tokens, self.model, picture, self.positions, sparse)
+        if self.sam_only:
+            return first_sam_candidate(self.model, q, k, self.grid, point_labels)
         output = _call(dec.decode_masks, self.model, picture, q, k)
         return first_ranked(output, point_labels)
 
@@ -304,22 +339,24 @@ def export_server_decoder(model, path: Path) -> Path:
     return _export(ServerDecoder(_float32_cpu(model), grid), args, names, outputs, dynamic, path)
 
 
-def export_browser_decoder(model, path: Path) -> Path:
+def export_browser_decoder(model, path: Path, sam_only: bool = False) -> Path:
     """Write the browser graph of `model` to `path`. Inputs: tokens float32 (1, 1, H*W, C) =
     `PictureFeatures.tokens`; hq_features float32 (1, C/8, 4H, 4W) = `PictureFeatures.hq_features` (SAM-HQ
     only); point_coords float32 (1, P, 2) in the 1024 frame; point_labels float32 (1, P) in Meta's convention
     (1 include, 0 exclude, 2/3 box corners, -1 the pad the caller appends when there is no box); P dynamic.
     Outputs: low_res_logits float32 (1, 1, 4H, 4W), the candidate the engine ranks first for that object
-    (HQ mask added), and score float32 (1,), its predicted IoU."""
+    (HQ mask added), and score float32 (1,), its predicted IoU. `sam_only`: without the HQ mask and without the
+    hq_features input (`BrowserDecoder`), the hover preview's cheaper graph."""
     grid = _grid(model)
     picture = _example_picture(model, grid)
     coords, labels = meta_prompt(np.array([[[10.0, 20.0], [300.0, 400.0]]]), np.ones((1, 2)), None)
-    hq = "hq_features" in picture
+    hq = "hq_features" in picture and not sam_only
     names = ["tokens", "point_coords", "point_labels"] + (["hq_features"] if hq else [])
     args = (picture["tokens"], torch.from_numpy(coords), torch.from_numpy(labels))
     args += (picture["hq_features"],) if hq else ()
     dynamic = {"point_coords": {1: "points"}, "point_labels": {1: "points"}}
-    return _export(BrowserDecoder(_float32_cpu(model), grid), args, names, ["low_res_logits", "score"], dynamic, path)
+    module = BrowserDecoder(_float32_cpu(model), grid, sam_only)
+    return _export(module, args, names, ["low_res_logits", "score"], dynamic, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="where to write the graph (default: the server's graph cache under HF_HOME)"
     )
     parser.add_argument("--browser", action="store_true", help="write the browser graph instead of the server's")
+    parser.add_argument("--sam-only", action="store_true", help="with --browser: SAM's tokens only, no HQ mask")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .models import load_model
@@ -336,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model, "cpu")
     if args.browser:
         out = args.out or Path(f"{Path(args.model).name}-browser-decoder.onnx")
-        path = export_browser_decoder(loaded.model, out)
+        path = export_browser_decoder(loaded.model, out, sam_only=args.sam_only)
     elif args.out is not None:
         path = export_server_decoder(loaded.model, args.out)
     else:  # where the server looks for it (SAMHQ_DECODER=onnx|auto): its start then skips the export

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -420,4 +421,135 @@ def everything_result(
         image_tokens=embedding.grid_tokens,
         point_tokens=found.grid_points,
         timings=timings,
+    )
+
+
+# ---- the page's hover preview (ui/preview_routes.py): the browser runs the decoder on a picture's features ----
+
+
+class PreviewUnavailable(SegmentationError):
+    """The served model cannot give the browser a decoder (no HQ features, no export tools): the page says why."""
+
+    code = "preview_unavailable"
+
+
+def browser_graph_folder() -> Path:
+    """Where browser decoder graphs are kept: SAMHQ_ONNX_DIR, else `samhq-onnx` in the Hugging Face cache (the
+    models' own folder), so a graph is built once per model and machine, never downloaded."""
+    configured = os.environ.get("SAMHQ_ONNX_DIR", "").strip()
+    if configured:
+        return Path(configured)
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(hf_home) / "samhq-onnx"
+
+
+_graph_lock = threading.Lock()
+REPO = Path(__file__).resolve().parent.parent
+GRAPH_EXPORT_TIMEOUT = 900.0
+_graph_paths: dict[int, tuple[Any, Path]] = {}  # a loaded model's graph, so its weights are hashed once
+
+
+def browser_decoder_path(registry: ModelRegistry, model: str | None = None, sam_only: bool = False) -> Path:
+    """The served model's browser decoder graph (`onnx_graph.export_browser_decoder`), exported on first use into
+    `browser_graph_folder()` under a name holding a digest of the decoder's weights (a new checkpoint under the
+    same id gets a new graph) and reused after. One export at a time in the process (it takes seconds), in a
+    child process. `sam_only`: the graph of SAM's own tokens, without the HQ mask (`BrowserDecoder`)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    name = registry.check_served(model)
+    segmenter = registry.get(name)
+    if not segmenter.hq:
+        raise PreviewUnavailable(
+            f"The hover preview needs a SAM-HQ model (its HQ features); {segmenter.model_id} has none."
+        )
+    known = _graph_paths.get((id(segmenter), sam_only))
+    if known is not None and known[0] is segmenter and known[1].exists():
+        return known[1]
+    digest = hashlib.sha256()
+    for module in (segmenter.model.prompt_encoder, segmenter.model.mask_decoder):
+        for key, tensor in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in segmenter.model_id)[-80:]
+    variant = "browser-sam-decoder" if sam_only else "browser-decoder"
+    path = browser_graph_folder() / f"{safe}-{digest.hexdigest()[:16]}-{variant}.onnx"
+    with _graph_lock:
+        if path.exists():
+            _graph_paths[(id(segmenter), sam_only)] = (segmenter, path)
+            return path
+        start = time.perf_counter()
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.part.onnx")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # In a process of its own: torch.export traces with fake tensors in a mode that is not thread-safe, and a
+        # click decoding in another thread of this server meanwhile failed ("fake_mode.in_kernel_invocation").
+        # The child loads the same checkpoint (by its served name, from the same cache) and writes the graph.
+        command = [sys.executable, "-m", "segmentation.onnx_graph", "--model", name, "--browser", "--out", str(partial)]
+        command += ["--sam-only"] if sam_only else []
+        try:
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=GRAPH_EXPORT_TIMEOUT)
+        except subprocess.TimeoutExpired as error:
+            partial.unlink(missing_ok=True)
+            raise PreviewUnavailable("Building the hover preview's decoder took too long on this server.") from error
+        if done.returncode != 0 or not partial.exists():
+            partial.unlink(missing_ok=True)
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            log.warning("browser decoder for %s failed: %s", segmenter.model_id, last)
+            raise PreviewUnavailable(f"The hover preview's decoder cannot be built here ({last}).")
+        os.replace(partial, path)  # whole or absent: a reader never sees half a graph
+        _graph_paths[(id(segmenter), sam_only)] = (segmenter, path)
+        log.info(
+            "browser decoder for %s: %.1f s, %.1f MB",
+            segmenter.model_id,
+            time.perf_counter() - start,
+            path.stat().st_size / MiB,
+        )
+        return path
+
+
+@dataclass(frozen=True)
+class PreviewFeatures:
+    """What the browser's decoder needs of one picture, as float16 arrays (`PictureFeatures.tokens` and
+    `.hq_features`, None for the SAM-tokens graph, which does not take them), with the sizes it upscales its mask
+    by (as `decoder.upscale_logits` does)."""
+
+    key: str
+    tokens: np.ndarray  # (1, 1, H*W, C) float16
+    hq_features: np.ndarray | None  # (1, C/8, 4H, 4W) float16
+    original_size: tuple[int, int]  # (height, width)
+    resized_size: tuple[int, int]  # (height, width) inside the 1024 frame
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + (self.hq_features.nbytes if self.hq_features is not None else 0)
+
+
+def preview_features(
+    registry: ModelRegistry, model: str, key: str | None, source: Any, with_hq: bool = True
+) -> PreviewFeatures:
+    """A picture's features for the browser: its embedding from the cache by `key`, else computed from `source`
+    (the picture's file) through the same limits as any embed. Without `with_hq`, no HQ features (the SAM-tokens
+    graph's page need not fetch them)."""
+    import torch
+
+    segmenter = registry.get(model)
+    if not segmenter.hq:
+        raise PreviewUnavailable(
+            f"The hover preview needs a SAM-HQ model (its HQ features); {segmenter.model_id} has none."
+        )
+    embedding = segmenter.cached(key) if key else None
+    if embedding is None:
+        embedding, _ = segmenter.embed_with_info(source)
+    features = embedding.features
+
+    def half(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().to("cpu", torch.float16).contiguous().numpy()
+
+    return PreviewFeatures(
+        embedding.key,
+        half(features.tokens),
+        half(features.hq_features) if with_hq else None,
+        tuple(embedding.original_size),
+        tuple(embedding.resized_size),
     )

@@ -16,16 +16,26 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`with LiveServer(app) as server: server.url` — started on a free loopback port, stopped on exit."""
+    """`with LiveServer(app) as server: server.url` — started on a free loopback port, stopped on exit.
+
+    Without a `port`, the listening socket is bound here (port 0: the kernel's pick) and handed to uvicorn, so
+    no other process (another pytest-xdist worker, a parallel run) can take the port between its choice and
+    its use, as it could with `free_port()`."""
 
     def __init__(self, app, port: int | None = None, log_level: str = "warning", **config_options):
-        self.port = port or free_port()
+        self.socket = None
+        if port is None:
+            self.socket = socket.socket()
+            self.socket.bind(("127.0.0.1", 0))
+            port = self.socket.getsockname()[1]
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level=log_level, lifespan="on", **config_options
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        sockets = [self.socket] if self.socket else None
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
@@ -39,3 +49,5 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        if self.socket is not None:
+            self.socket.close()

@@ -28,6 +28,8 @@ from PIL import Image
 import app
 from segmentation.settings import Settings
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE = re.compile(
     r"NewConnectionError|Temporary failure in name resolution|Name or service not known|Network is unreachable|"
@@ -51,7 +53,9 @@ def page_python(tmp_path_factory) -> str:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
     install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements-page.txt")],
+        # --no-compile: Python compiles what the page imports when it first imports it; pip would compile every
+        # module of every package, which proves nothing about the page
+        [python, "-m", "pip", "install", "-q", "--no-compile", "-r", str(ROOT / "requirements-page.txt")],
         capture_output=True,
         text=True,
         timeout=900,

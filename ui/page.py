@@ -23,6 +23,7 @@ from segmentation.settings import Settings
 
 from . import gradio_errors, login
 from .guard import guard_file_inputs
+from .preview_routes import CrossOriginIsolation, preview_options
 from .remote import RemoteBackend
 from .routes import ASSETS, PageRoutes, install_page_routes
 from .sessions import SessionStore
@@ -123,9 +124,15 @@ def build_blocks(
     endpoint: the remote server is the API."""
     html = (STATIC / "page.html").read_text()
     script = (STATIC / "page.js").read_text()
+    preview = (STATIC / "preview.js").read_text()  # the hover preview, beside the page (ui/preview_routes.py)
     served = ", ".join(f"`{name}`" for name in (served_models or registry.served))
     with gr.Blocks(title="SAM-HQ point segmentation", delete_cache=(max(1, cache_age // 4), cache_age)) as demo:
-        gr.HTML(html, js_on_load=f"({script})(element);", elem_id="samhq-page", apply_default_css=False)
+        gr.HTML(
+            html,
+            js_on_load=f"({script})(element); ({preview})(element);",
+            elem_id="samhq-page",
+            apply_default_css=False,
+        )
         with gr.Accordion("How it works", open=False):
             gr.Markdown(
                 "Upload a picture, then **click** on it: each click adds a point and segments at once. "
@@ -183,6 +190,8 @@ def mount_page(
     )
     install_page_routes(app, routes, ClientIdentity.from_env())
     app.add_middleware(NoGradioUploads)
+    if preview_options()["isolate"]:  # wasm threads for the hover preview (ui/preview_routes.py)
+        app.add_middleware(CrossOriginIsolation)
     accounts = login.accounts_from_env()
     app.add_middleware(login.PageLogin, gradio_app=lambda: _gradio_app(app))
     app.state.page = routes

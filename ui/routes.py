@@ -47,6 +47,7 @@ from .answers import error, expired, small_json_object
 from .everything_routes import install_everything_routes
 from .logs import redact_access_log
 from .prefetch import Prefetcher
+from .preview_routes import install_preview_routes
 from .remote import BackendError, RemoteBackend
 from .sessions import Entry, SessionStore, StoreRefusal
 from .types import Preview
@@ -767,6 +768,7 @@ def install_page_routes(app, routes: PageRoutes, clients: ClientIdentity | None 
 
     install_everything_routes(router, routes, guarded)  # ui/everything_routes.py: the Everything button
     install_workflow_routes(router, routes, guarded)  # ui/workflow_routes.py: several pictures, exports
+    install_preview_routes(router, routes, guarded)  # ui/preview_routes.py: the hover preview's files
 
     @router.get("/examples/{index}.jpg")
     async def example_thumbnail(index: int) -> Response:

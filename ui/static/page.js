@@ -128,6 +128,7 @@
     markStrip();
     renderCategory();
     drawPoints();
+    root.dispatchEvent(new CustomEvent("samhq:view", { detail: view }));  // hook: ui/static/preview.js
     if (view.map) {
       paintMap(view.map, view.rev, item);
     } else if (view.picture) {
@@ -543,6 +544,7 @@
     }
     setStatus(config.banner ? "The model is not available: see the banner above." : "Upload a picture or pick an example to start.", !!config.banner);
     $("samhq").dataset.ready = "1";
+    root.dispatchEvent(new CustomEvent("samhq:session", { detail: config }));  // hook: ui/static/preview.js
     pump();  // a picture dropped or chosen while the page was still loading
   }
 
