@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,19 +152,26 @@ class SessionStore:
         finally:
             self._remove(dropped)
 
-    def reserve(self, entry: Entry, incoming: int) -> None:
-        """`incoming` more bytes of `entry`'s upload are about to be written: counted against the disk budget
-        now (with the session's own folder, which stays until the new picture replaces it), making room from
-        idle sessions as `make_room` does, or StoreRefusal 503. `release` ends the reservation."""
+    @contextmanager
+    def _fitting(self, entry: Entry, incoming: int):
+        """Make room for `incoming` more bytes of `entry` (or StoreRefusal 503), then let the caller count them
+        under the same lock; sessions dropped to make room are removed after it is let go."""
         now = time.monotonic()
         dropped = []
         try:
             with self._lock:
                 total = sum(e.held for e in self._entries.values()) + self._exports + incoming
                 self._fit_locked(entry, total, now, dropped)
-                entry.receiving += incoming
+                yield
         finally:
             self._remove(dropped)
+
+    def reserve(self, entry: Entry, incoming: int) -> None:
+        """`incoming` more bytes of `entry`'s upload are about to be written: counted against the disk budget
+        now (with the session's own folder, which stays until the new picture replaces it), making room from
+        idle sessions as `make_room` does, or StoreRefusal 503. `release` ends the reservation."""
+        with self._fitting(entry, incoming):
+            entry.receiving += incoming
 
     def release(self, entry: Entry) -> None:
         """The upload ended: its file (if kept) is counted by `measure` from now on."""
@@ -173,16 +181,9 @@ class SessionStore:
     def reserve_export(self, entry: Entry, incoming: int) -> None:
         """`incoming` more bytes of `entry`'s export zip (a nameless file in its folder, which `measure` does
         not see) are about to be written: counted as an upload's are (`reserve`), or StoreRefusal 503."""
-        now = time.monotonic()
-        dropped = []
-        try:
-            with self._lock:
-                total = sum(e.held for e in self._entries.values()) + self._exports + incoming
-                self._fit_locked(entry, total, now, dropped)
-                entry.export_bytes += incoming
-                self._exports += incoming
-        finally:
-            self._remove(dropped)
+        with self._fitting(entry, incoming):
+            entry.export_bytes += incoming
+            self._exports += incoming
 
     def release_export(self, entry: Entry) -> None:
         """The export's file is closed (gone): its bytes no longer count."""
