@@ -26,14 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-_HF_HOME = tempfile.mkdtemp(prefix="samhq-bench-hf-")
-os.environ["HF_HOME"] = _HF_HOME
-os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+# bench sets HF_HOME (a temporary cache) and offline mode before transformers is imported
 import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -43,7 +40,8 @@ import time  # noqa: E402
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-MODEL_ID = "syscv-community/sam-hq-vit-base"
+from benchmarks.bench import _HF_HOME, MODEL_ID, ROOT  # noqa: E402
+
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
 
