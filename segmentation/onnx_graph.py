@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import decoder as dec
@@ -101,6 +102,81 @@ def _call(function, *args):
     return getattr(function, "__wrapped__", function)(*args)
 
 
+def hq_masks_folded(decoder, upscaled: torch.Tensor, hq_features: torch.Tensor, hq_hyper: torch.Tensor) -> torch.Tensor:
+    """SAM-HQ's HQ mask, `hq_hyper · (mask_conv2(gelu(mask_norm(mask_conv1(upscaled)))) + hq_features)`, with the
+    object's hypernetwork vector folded into `mask_conv2` first: the same sum in another order, so one 3×3
+    convolution to a single channel per object instead of 64 → 32 channels at 4H × 4W (the decode's largest
+    convolution), and no 32-channel mask features at all. Done as a (pixels × 64) · (64 × 9 taps) product in
+    channels-last, then the 9 taps' shifted sums: no layout change back after the norm. For the graphs only: the
+    torch decode keeps the reference's order (docs/PERFORMANCE.md: folding there flipped one near-zero pixel
+    against the official code), while a graph is held to the torch decode within 1e-4 and identical label maps.
+
+    upscaled (N, C/8, S, S), hq_features (1, C/8, S, S), hq_hyper (N, C/8) → (N, 1, S, S)."""
+    n_objects, _, height, width = upscaled.shape
+    norm, conv2 = decoder.mask_norm, decoder.mask_conv2
+    features = decoder.mask_conv1(upscaled).permute(0, 2, 3, 1)  # (N, S, S, C/4)
+    features = decoder.activation(F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+    channels = features.shape[-1]
+    folded = (hq_hyper @ conv2.weight.reshape(conv2.weight.shape[0], -1)).reshape(n_objects, channels, 9)
+    # the 9 taps' planes (N, 9, S, S), each a contiguous picture for the shifted sums below
+    taps = (features.reshape(n_objects, height * width, channels) @ folded).transpose(1, 2)
+    taps = taps.reshape(n_objects, 9, height, width)
+    taps = F.pad(taps, (1, 1, 1, 1))  # zero padding 1, as the convolution's
+    mask = taps[:, 0, 0:height, 0:width]
+    for tap in range(1, 9):
+        dy, dx = divmod(tap, 3)
+        mask = mask + taps[:, tap, dy : dy + height, dx : dx + width]
+    constant = hq_hyper @ conv2.bias  # (N,)
+    picture_part = (hq_hyper @ hq_features.flatten(2)[0]).reshape(n_objects, height, width)
+    return (mask + constant[:, None, None] + picture_part).unsqueeze(1)
+
+
+def upscaled_channels_last(decoder, keys: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The decoder's output upscaling (two 2×2 stride-2 transposed convolutions with a norm and GELUs) of the
+    refined image tokens (N, 1, H*W, C), as (N, 4H*4W, C/8) in channels-last pixel order. A stride-2 2×2
+    transposed convolution writes each input pixel's 2×2 block from that pixel alone, so each one is a
+    (pixels × C_in) · (C_in × 4·C_out) product; the norm then runs over the last axis, with no layout change
+    (the runtime's transposed convolutions and the norm's two transposes were ~15 % of the graph)."""
+    act = decoder.activation
+    conv1, norm, conv2 = decoder.upscale_conv1, decoder.upscale_layer_norm, decoder.upscale_conv2
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    n_objects = keys.shape[0]
+    height, width = grid
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)  # columns (i, j, c1)
+    x = keys[:, 0] @ w1 + conv1.bias.repeat(4)  # (N, H*W, 4*c1): pixel (2h+i, 2w+j)
+    x = act(F.layer_norm(x.reshape(n_objects, height * width * 4, c1), (c1,), norm.weight, norm.bias, norm.eps))
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # columns (k, l, c2)
+    y = act(x @ w2 + conv2.bias.repeat(4))  # (N, H*W*4, 4*c2): (h, w, i, j, k, l, c2), pixel (4h+2i+k, 4w+2j+l)
+    y = y.reshape(n_objects, height, width, 2, 2, 2, 2, c2).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return y.reshape(n_objects, 16 * height * width, c2)
+
+
+def hypernetwork_vectors(decoder, queries: torch.Tensor, hq: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(SAM's mask tokens' vectors (N, 4, C/8), the HQ token's (N, C/8) if `hq` else None) from the queries."""
+    mask_tokens = queries[0, :, 1:, :]
+    n_sam = len(decoder.output_hypernetworks_mlps)
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in range(n_sam)], dim=1)
+    hq_vector = decoder.hq_mask_mlp(mask_tokens[:, n_sam, :]) if hq else None
+    return hyper, hq_vector
+
+
+def decode_masks_folded(model, picture: dec.PictureFeatures, queries: torch.Tensor, keys: torch.Tensor):
+    """`decoder.decode_masks` for the graphs: the upscaling channels-last (`upscaled_channels_last`) and the HQ
+    mask by `hq_masks_folded`; the same sums in another order (within 1e-5 of the torch decode's logits)."""
+    decoder = model.mask_decoder
+    n_objects = keys.shape[0]
+    size = (4 * picture.grid[0], 4 * picture.grid[1])
+    upscaled = upscaled_channels_last(decoder, keys, picture.grid)  # (N, S*S, C/8)
+    hyper, hq_hyper = hypernetwork_vectors(decoder, queries, hq=picture.hq_features is not None)
+    sam_masks = (upscaled @ hyper.transpose(1, 2)).transpose(1, 2).reshape(n_objects, hyper.shape[1], *size)
+    hq_masks = None
+    if picture.hq_features is not None:
+        channels_first = upscaled.transpose(1, 2).reshape(n_objects, upscaled.shape[-1], *size)
+        hq_masks = hq_masks_folded(decoder, channels_first, picture.hq_features, hq_hyper)
+    iou = decoder.iou_prediction_head(queries[0, :, 0, :])
+    return dec.DecoderOutput(sam_masks=sam_masks, hq_masks=hq_masks, iou=iou)
+
+
 class ServerDecoder(nn.Module):
     """Cached picture features + Meta-style prompts of N objects → (sam_masks, iou[, hq_masks]) of `DecoderOutput`."""
 
@@ -115,7 +191,7 @@ class ServerDecoder(nn.Module):
         picture = dec.PictureFeatures(tokens, keys, values, queries, self.grid, hq_features)
         sparse = self.prompt(coords, labels)
         q, k = _call(dec.decode_tokens, self.model, picture, self.positions, sparse)
-        output = _call(dec.decode_masks, self.model, picture, q, k)
+        output = decode_masks_folded(self.model, picture, q, k)
         if output.hq_masks is None:
             return output.sam_masks, output.iou
         return output.sam_masks, output.iou, output.hq_masks
@@ -154,23 +230,17 @@ def first_sam_candidate(model, queries: torch.Tensor, keys: torch.Tensor, grid: 
     """`first_ranked` of SAM's own tokens only (no HQ mask): the token is chosen by the same rule on the predicted
     IoUs *before* any mask is made, so only its mask is computed (one hypernetwork product, not four), and the
     HQ mask features (two 3×3 convolutions at 4H × 4W, the costliest part of the HQ decode) are never needed.
-    Each step is `decoder.decode_masks`' arithmetic for that token."""
+    Each step is `decode_masks_folded`'s arithmetic for that token."""
     decoder = model.mask_decoder
     is_point = (labels == INCLUDE) | (labels == EXCLUDE)
     ambiguous = (is_point.sum(dim=1) == 1) & ~(labels == BOX_TOP_LEFT).any(dim=1)  # (N,)
     iou = decoder.iou_prediction_head(queries[0, :, 0, :])  # (N, 4)
     chosen = torch.where(ambiguous, torch.argmax(iou[:, 1:4], dim=1) + 1, torch.zeros_like(ambiguous, dtype=torch.long))
     score = torch.gather(iou, 1, chosen[:, None])[:, 0]
-    mask_tokens = queries[0, :, 1:, :]  # (N, tokens, C)
-    n_sam = len(decoder.output_hypernetworks_mlps)
-    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in range(n_sam)], dim=1)
+    hyper, _ = hypernetwork_vectors(decoder, queries, hq=False)
     hyper = torch.gather(hyper, 1, chosen[:, None, None].expand(-1, 1, hyper.shape[-1]))  # (N, 1, C/8)
-    n_objects = keys.shape[0]
-    height, width = grid
-    refined = keys.transpose(2, 3).reshape(n_objects, keys.shape[-1], height, width)
-    act = decoder.activation
-    upscaled = act(decoder.upscale_conv2(act(decoder.upscale_layer_norm(decoder.upscale_conv1(refined)))))
-    mask = (hyper @ upscaled.flatten(2)).reshape(n_objects, 1, *upscaled.shape[-2:])
+    upscaled = upscaled_channels_last(decoder, keys, grid)  # (N, S*S, C/8)
+    mask = (upscaled @ hyper.transpose(1, 2)).reshape(keys.shape[0], 1, 4 * grid[0], 4 * grid[1])
     return mask, score
 
 
@@ -201,7 +271,7 @@ class BrowserDecoder(nn.Module):
         q, k = _call(dec.decode_tokens, self.model, picture, self.positions, sparse)
         if self.sam_only:
             return first_sam_candidate(self.model, q, k, self.grid, point_labels)
-        output = _call(dec.decode_masks, self.model, picture, q, k)
+        output = decode_masks_folded(self.model, picture, q, k)
         return first_ranked(output, point_labels)
 
 
