@@ -127,7 +127,9 @@ def hq_masks_folded(decoder, upscaled: torch.Tensor, hq_features: torch.Tensor, 
         dy, dx = divmod(tap, 3)
         mask = mask + taps[:, tap, dy : dy + height, dx : dx + width]
     constant = hq_hyper @ conv2.bias  # (N,)
-    picture_part = (hq_hyper @ hq_features.flatten(2)[0]).reshape(n_objects, height, width)
+    picture_part = (hq_hyper @ hq_features.reshape(hq_features.shape[1], height * width)).reshape(
+        n_objects, height, width
+    )
     return (mask + constant[:, None, None] + picture_part).unsqueeze(1)
 
 
@@ -171,7 +173,8 @@ def decode_masks_folded(model, picture: dec.PictureFeatures, queries: torch.Tens
     sam_masks = (upscaled @ hyper.transpose(1, 2)).transpose(1, 2).reshape(n_objects, hyper.shape[1], *size)
     hq_masks = None
     if picture.hq_features is not None:
-        channels_first = upscaled.transpose(1, 2).reshape(n_objects, upscaled.shape[-1], *size)
+        # a 4-d NHWC → NCHW permutation: the runtime folds it into the convolution's own layout change
+        channels_first = upscaled.reshape(n_objects, *size, upscaled.shape[-1]).permute(0, 3, 1, 2)
         hq_masks = hq_masks_folded(decoder, channels_first, picture.hq_features, hq_hyper)
     iou = decoder.iou_prediction_head(queries[0, :, 0, :])
     return dec.DecoderOutput(sam_masks=sam_masks, hq_masks=hq_masks, iou=iou)
