@@ -104,6 +104,8 @@ class EverythingRoutes:
         backend = self.routes.backend
         remote = not hasattr(backend, "segmenter")
         options = parse_everything(body or True)  # the page sends points_per_side; any official knob is accepted
+        if options.min_mask_region_area:  # a found object is its grid point's decode, which the page refines
+            raise ValueError("The page finds objects without the small-region clean-up (min_mask_region_area 0).")
         picture = session.picture
         _limits(backend).check_everything_work(options.grid_points, picture.width, picture.height)
         with self._lock:
