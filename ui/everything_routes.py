@@ -10,7 +10,8 @@ The objects found become ordinary page objects. SAM-HQ's generator keeps one mas
 point's best multimask candidate plus the HQ mask, which is exactly what the page decodes for a one-point
 object with its first candidate. So each found object is stored as that one include point (exact
 coordinates, not rounded), and the page's own decode reproduces the mask the generator kept: it can then be
-deleted, refined with more points or a box, and keeps its number like any other object.
+deleted, refined with more points or a box, and keeps its number like any other object. Hence the page runs
+official's `min_mask_region_area` at 0 and refuses more: a cleaned-up mask is no longer its point's decode.
 
 In front of a remote model server (`--backend URL`) a run is one request to the remote API's
 segment_everything, whose answer names each object's grid point: no batches to count, so the job reports
