@@ -109,11 +109,14 @@ def components(mask: np.ndarray) -> Components:
 
 
 def paint_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool, True on the runs: +1 where each starts, -1 one past its end, summed along the flat picture
+    (one byte a pixel: the runs are disjoint, so the sum is 0 or 1; starts are distinct, and so are ends)."""
     height, width = shape
     size = height * width
-    flat_start, flat_end = row * width + start, row * width + end
-    steps = np.bincount(flat_start, minlength=size + 1)[: size + 1] - np.bincount(flat_end, minlength=size + 1)
-    return (np.cumsum(steps[:size]) > 0).reshape(shape)
+    steps = np.zeros(size + 1, dtype=np.int8)
+    steps[row * width + start] += 1
+    steps[row * width + end] -= 1
+    return np.cumsum(steps[:size], dtype=np.int8).astype(bool).reshape(shape)
 
 
 def remove_small_regions(
