@@ -157,7 +157,8 @@ class _Images:
     ) -> SegmentationResponse:
         """Every object of `image` (official SAM-HQ's automatic mask generator): one label map, one segment per
         object. options: points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
-        stability_score_offset, box_nms_thresh (official's names and defaults), and size, hq_token_only, user."""
+        stability_score_offset, box_nms_thresh, min_mask_region_area (official's names and defaults; e.g.
+        min_mask_region_area=100 fills holes and removes islands under 100 pixels), and size, hq_token_only, user."""
         request = _everything_request(image, model, timeout, self._client.timeout, extra_headers, options)
         return _parse(self._client._http.post(**request))
 
@@ -233,7 +234,8 @@ class _AsyncImages:
     ) -> SegmentationResponse:
         """Every object of `image` (official SAM-HQ's automatic mask generator): one label map, one segment per
         object. options: points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
-        stability_score_offset, box_nms_thresh (official's names and defaults), and size, hq_token_only, user."""
+        stability_score_offset, box_nms_thresh, min_mask_region_area (official's names and defaults; e.g.
+        min_mask_region_area=100 fills holes and removes islands under 100 pixels), and size, hq_token_only, user."""
         request = _everything_request(image, model, timeout, self._client.timeout, extra_headers, options)
         return _parse(await self._client._http.post(**request))
 

@@ -1,10 +1,11 @@
 """The knobs of "segment everything", with official SAM-HQ's names and defaults, and their validation.
 
 Named and defaulted as `SamAutomaticMaskGenerator` in SysCV/sam-hq: points_per_side 32, points_per_batch 64,
-pred_iou_thresh 0.88, stability_score_thresh 0.95, stability_score_offset 1.0, box_nms_thresh 0.7. Not offered
-(official's defaults run): crop layers (`crop_n_layers` 0: every mask comes from the one cached embedding of the
-whole picture) and `min_mask_region_area` (0: removing small regions and holes needs OpenCV, and would make a
-mask differ from its grid point's decode, which the page relies on). No torch here: the schema imports it.
+pred_iou_thresh 0.88, stability_score_thresh 0.95, stability_score_offset 1.0, box_nms_thresh 0.7,
+min_mask_region_area 0 (when > 0, the kept masks' small holes and islands are cleaned up, `small_regions`).
+Not offered (official's defaults run): crop layers (`crop_n_layers` 0: every mask comes from the one cached
+embedding of the whole picture), hence no `crop_nms_thresh` either (its 0.7 is the clean-up's NMS floor).
+No torch here: the schema imports it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from .errors import InvalidPromptError
 MAX_POINTS_PER_SIDE = 64  # 4096 grid points: past official's 32×32 default, bounded by the work limit anyway
 MAX_POINTS_PER_BATCH = 256
 MAX_STABILITY_OFFSET = 100.0
+# An area past every picture the server takes (SAMHQ_MAX_PIXELS' default): larger would mean nothing more.
+MAX_MIN_MASK_REGION_AREA = 40_000_000
+# Official's crop_nms_thresh (0.7): the clean-up's second NMS runs at max(box_nms_thresh, this).
+CROP_NMS_THRESH = 0.7
 PARAM = "segment_everything"  # the request field that carries these knobs
 
 
@@ -29,6 +34,7 @@ class EverythingOptions:
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
 
     @property
     def grid_points(self) -> int:
@@ -50,6 +56,7 @@ _RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
     "stability_score_thresh": (float, 0.0, 1.0, True, True),
     "stability_score_offset": (float, 0.0, MAX_STABILITY_OFFSET, False, True),
     "box_nms_thresh": (float, 0.0, 1.0, False, True),
+    "min_mask_region_area": (int, 0, MAX_MIN_MASK_REGION_AREA, True, True),
 }
 
 
@@ -58,7 +65,6 @@ _NOT_OFFERED = {
     "crop_nms_thresh",
     "crop_overlap_ratio",
     "crop_n_points_downscale_factor",
-    "min_mask_region_area",
     "point_grids",
     "output_mode",
 }
@@ -81,8 +87,8 @@ def parse_everything(value: Any) -> EverythingOptions:
     unknown = sorted(set(value) - set(_RANGES))
     if set(unknown) & _NOT_OFFERED:
         raise _fail(
-            f"{PARAM}: {', '.join(sorted(set(unknown) & _NOT_OFFERED))} is not offered here (official's default, "
-            "0, is what runs): every mask is the decoder's mask for its grid point.",
+            f"{PARAM}: {', '.join(sorted(set(unknown) & _NOT_OFFERED))} is not offered here: official's default "
+            "runs (one crop, the whole picture; the built-in points grid; the answer's label map).",
             sorted(set(unknown) & _NOT_OFFERED)[0],
         )
     if unknown:
@@ -98,6 +104,7 @@ def parse_everything(value: Any) -> EverythingOptions:
         inside = (number >= low if low_in else number > low) and (number <= high if high_in else number < high)
         if not math.isfinite(number) or not inside:
             left, right = "[" if low_in else "(", "]" if high_in else ")"
-            raise _fail(f"{PARAM}.{name} must be in {left}{low:g}, {high:g}{right}, got {raw!r}.", name)
+            low_s, high_s = (f"{int(low)}", f"{int(high)}") if kind is int else (f"{low:g}", f"{high:g}")
+            raise _fail(f"{PARAM}.{name} must be in {left}{low_s}, {high_s}{right}, got {raw!r}.", name)
         checked[name] = int(number) if kind is int else number
     return EverythingOptions(**checked)

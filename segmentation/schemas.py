@@ -64,7 +64,8 @@ class SegmentationRequest(BaseModel):
         default=None,
         description="Find every object instead of segmenting a prompt (official SAM-HQ's automatic mask "
         "generator): true for the defaults, or an object with any of points_per_side (32), points_per_batch (64), "
-        "pred_iou_thresh (0.88), stability_score_thresh (0.95), stability_score_offset (1.0), box_nms_thresh (0.7). "
+        "pred_iou_thresh (0.88), stability_score_thresh (0.95), stability_score_offset (1.0), box_nms_thresh (0.7), "
+        "min_mask_region_area (0; > 0 fills smaller holes and removes smaller islands of each mask, as official). "
         "segment_prompt is then empty or left out; the answer is one label map, one segment per object found.",
     )
     extra_body: dict[str, Any] | None = Field(default=None, description="Further parameters, merged into the body.")

@@ -31,7 +31,7 @@ from .errors import ModelUnavailableError, ResourceExhaustedError, SegmentationE
 from .everything_options import EverythingOptions
 from .images import upright_size
 from .limits import Limits
-from .masks import compose_label_map, encode_png, object_stats, resize_nearest, to_numpy_labels
+from .masks import encode_png, object_stats, resize_nearest, to_numpy_labels
 from .models import resolve_device
 from .settings import Settings
 
@@ -384,15 +384,19 @@ def everything_result(
     timings: dict[str, float],
 ) -> SegmentResult:
     """The masks found as one label map (values 1..K in the generator's order; where masks overlap the highest
-    logit wins, as for any prompt), with each object's score, area and box measured on the map."""
+    logit wins, as for any prompt; the small-region clean-up's edits honoured, `everything.compose_labels`),
+    with each object's score, area and box measured on the map."""
     from .engine import LabelMap, ObjectResult
+    from .everything import compose_labels
 
     start = time.perf_counter()
     width, height = embedding.width, embedding.height
     count = len(found.masks)
     if count:
         labels = to_numpy_labels(
-            compose_label_map(found.logits.to(segmenter.device), embedding.resized_size, embedding.original_size),
+            compose_labels(
+                found.logits.to(segmenter.device), found.regions, embedding.resized_size, embedding.original_size
+            ),
             count,
         )
     else:

@@ -10,7 +10,11 @@ literally and at the picture's size, on the ported official predictor (`official
   hq_token_only)` (one mask per point), `Sam.postprocess_masks` to the picture's size (logits);
 * predicted-IoU filter (> thresh), `calculate_stability_score` (int16/int32 sums), filter (>= thresh),
   masks > 0, `batched_mask_to_box`, uncompressed RLE of each mask;
-* non-maximum suppression over the boxes (`batched_nms` with one category), best predicted IoU first.
+* non-maximum suppression over the boxes (`batched_nms` with one category), best predicted IoU first;
+* with `min_mask_region_area` > 0, `postprocess_small_regions`: each kept mask through `remove_small_regions`
+  ("holes", then "islands") with OpenCV's `connectedComponentsWithStats` (8-connectivity), as official does,
+  scores 0 (changed) / 1, boxes again, NMS at max(box_nms_thresh, crop_nms_thresh 0.7), new RLE and box for the
+  changed masks kept (the engine labels components itself, `segmentation/small_regions.py`: not this code).
 
 torchvision is not installed: the NMS here is a pairwise-IoU-matrix version of torchvision's greedy `nms`,
 written independently of the engine's loop; RLE is written here too. Nothing of `segmentation` is used.
@@ -18,6 +22,7 @@ written independently of the engine's loop; RLE is written here too. Nothing of 
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from official_reference import OfficialPredictor, apply_coords, postprocess_masks
@@ -84,6 +89,27 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int
     return keep
 
 
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """Official `utils/amg.remove_small_regions`, step by step."""
+    assert mode in ["holes", "islands"]
+    correct_holes = mode == "holes"
+    working_mask = (correct_holes ^ mask).astype(np.uint8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working_mask, 8)
+    sizes = stats[:, -1][1:]  # row 0 is the background label
+    small_regions = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    if len(small_regions) == 0:
+        return mask, False
+    fill_labels = [0] + small_regions
+    if not correct_holes:
+        fill_labels = [i for i in range(n_labels) if i not in fill_labels]
+        if len(fill_labels) == 0:  # every region is below the threshold: keep the largest
+            fill_labels = [int(np.argmax(sizes)) + 1]
+    return np.isin(regions, fill_labels), True
+
+
+CROP_NMS_THRESH = 0.7  # official's default; one crop here, so it only matters to the small-region clean-up
+
+
 class OfficialAutomaticMaskGenerator:
     def __init__(
         self,
@@ -94,6 +120,7 @@ class OfficialAutomaticMaskGenerator:
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
+        min_mask_region_area: int = 0,
     ):
         self.predictor = predictor
         self.grid = build_point_grid(points_per_side)
@@ -102,6 +129,7 @@ class OfficialAutomaticMaskGenerator:
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
         self.box_nms_thresh = box_nms_thresh
+        self.min_mask_region_area = min_mask_region_area
 
     @torch.no_grad()
     def generate(self, rgb: np.ndarray, hq_token_only: bool = False) -> list[dict]:
@@ -119,10 +147,18 @@ class OfficialAutomaticMaskGenerator:
         keep = nms(boxes, scores, self.box_nms_thresh)
         stability = torch.cat(records["stability"])
         all_points = np.concatenate(records["points"])
+        rles = [records["rles"][i] for i in keep]
+        boxes, scores, stability, all_points = boxes[keep], scores[keep], stability[keep], all_points[keep]
+        changed = [False] * len(keep)
+        if self.min_mask_region_area > 0:
+            keep, changed = self._postprocess_small_regions(rles, boxes)
+            rles = [rles[i] for i in keep]
+            boxes, scores, stability, all_points = boxes[keep], scores[keep], stability[keep], all_points[keep]
+            changed = [changed[i] for i in keep]
         out = []
-        for i in keep:
+        for i in range(len(rles)):
             x0, y0, x1, y1 = boxes[i].tolist()
-            rle = records["rles"][i]
+            rle = rles[i]
             out.append(
                 {
                     "segmentation": rle_to_mask(rle),
@@ -131,9 +167,31 @@ class OfficialAutomaticMaskGenerator:
                     "predicted_iou": float(scores[i]),
                     "point_coords": [all_points[i].tolist()],
                     "stability_score": float(stability[i]),
+                    "changed": changed[i],
                 }
             )
         return out
+
+    def _postprocess_small_regions(self, rles: list[dict], boxes: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Official `postprocess_small_regions`: edits `rles` and `boxes` in place for the changed masks the second
+        NMS keeps; returns (kept indexes in order, changed flags)."""
+        new_masks, scores = [], []
+        for rle in rles:
+            mask = rle_to_mask(rle)
+            mask, changed = remove_small_regions(mask, self.min_mask_region_area, mode="holes")
+            unchanged = not changed
+            mask, changed = remove_small_regions(mask, self.min_mask_region_area, mode="islands")
+            unchanged = unchanged and not changed
+            new_masks.append(torch.as_tensor(mask).unsqueeze(0))
+            scores.append(float(unchanged))  # score 0 for changed masks: NMS prefers the untouched ones
+        masks = torch.cat(new_masks, dim=0)
+        new_boxes = mask_to_box(masks)
+        keep = nms(new_boxes.float(), torch.as_tensor(scores), max(self.box_nms_thresh, CROP_NMS_THRESH))
+        for i in keep:
+            if scores[i] == 0.0:
+                rles[i] = mask_to_rle(masks[i].numpy())
+                boxes[i] = new_boxes[i]
+        return keep, [score == 0.0 for score in scores]
 
     def _batch(self, points: np.ndarray, hq_token_only: bool, records: dict) -> None:
         predictor = self.predictor

@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import make_picture
-from official_amg import OfficialAutomaticMaskGenerator
+from official_amg import OfficialAutomaticMaskGenerator, mask_to_box, mask_to_rle, rle_to_mask
 from official_amg import nms as official_nms
+from official_amg import remove_small_regions as official_remove_small_regions
 from official_reference import OfficialPredictor
 
 from segmentation import decoder as dec
 from segmentation.errors import InvalidPromptError
-from segmentation.everything import Cancelled, box_nms, generate, point_grid, surely_unstable
+from segmentation.everything import (
+    Cancelled,
+    FoundMask,
+    box_nms,
+    compose_labels,
+    generate,
+    measure,
+    point_grid,
+    postprocess_small_regions,
+    surely_unstable,
+)
 from segmentation.everything_options import EverythingOptions, parse_everything
+from segmentation.small_regions import Region, clean_mask, components, remove_small_regions
 
 MIN_IOU = 0.99
 
@@ -36,6 +50,8 @@ def scene(segmenter):
 
 
 def _labels_of(result, embedding, k):
+    if result.regions and result.regions[k] is not None:  # cleaned up: its new pixels
+        return result.regions[k].to_mask(embedding.original_size)
     logits = dec.upscale_logits(result.logits[k : k + 1], embedding.resized_size, embedding.original_size)
     return logits[0].numpy() > 0
 
@@ -70,6 +86,121 @@ def test_the_masks_are_official_ones_same_set_same_order(knobs, segmenter, scene
         assert _iou(_labels_of(ours, embedding, k), ref["segmentation"]) >= MIN_IOU, f"mask {k + 1}"
 
 
+def test_the_small_region_clean_up_is_officials(segmenter, scene):
+    """min_mask_region_area > 0: holes filled, islands removed, changed masks last, new boxes and areas, as the
+    independent port does it with OpenCV. Random weights make speckled masks: every one of them changes (the
+    reordering and the second NMS's suppression: `test_the_clean_up_reorders_and_suppresses_as_official`)."""
+    rgb, embedding, reference = scene
+    knobs = dict(pred_iou_thresh=0.5, stability_score_thresh=0.05, box_nms_thresh=1.0, min_mask_region_area=20)
+    options = EverythingOptions(points_per_side=6, points_per_batch=10, **knobs)
+    ours = generate(segmenter, embedding, options)
+    official = OfficialAutomaticMaskGenerator(reference, points_per_side=6, points_per_batch=10, **knobs).generate(rgb)
+    assert len(ours.masks) == len(official) >= 2
+    assert any(ref["changed"] for ref in official)
+    edited = 0
+    for k, (mask, ref) in enumerate(zip(ours.masks, official)):
+        assert list(mask.point) == pytest.approx(ref["point_coords"][0])
+        assert mask.score == pytest.approx(ref["predicted_iou"], rel=1e-4, abs=1e-4)
+        assert mask.cleaned == ref["changed"] == (ours.regions[k] is not None)
+        x0, y0, x1, y1 = mask.box
+        assert [x0, y0, x1 - x0, y1 - y0] == ref["bbox"]
+        assert mask.area == ref["area"]
+        cleaned = _labels_of(ours, embedding, k)
+        assert _iou(cleaned, ref["segmentation"]) >= MIN_IOU, f"mask {k + 1}"
+        edited += int(np.count_nonzero(cleaned != _labels_of(replace(ours, regions=()), embedding, k)))  # its decode
+    assert edited > 0  # the clean-up really changed pixels
+
+
+# Picture-size masks equal to the signs of the 256×256 logits: a 256×256 "picture" whose resized size is 1024².
+EXACT_SIZES = ((1024, 1024), (256, 256))
+
+
+def _logits(inside: list[tuple[int, int, int, int]], outside=(), value: float = 5.0) -> torch.Tensor:
+    """(256, 256) logits: `value` in the rectangles (y0, y1, x0, x1) of `inside`, -5 elsewhere and in `outside`."""
+    logits = torch.full((256, 256), -5.0)
+    for y0, y1, x0, x1 in inside:
+        logits[y0:y1, x0:x1] = value
+    for y0, y1, x0, x1 in outside:
+        logits[y0:y1, x0:x1] = -5.0
+    return logits
+
+
+def _binary(low: torch.Tensor) -> np.ndarray:
+    return (dec.upscale_logits(low, *EXACT_SIZES) > 0).numpy()
+
+
+def test_the_clean_up_reorders_and_suppresses_as_official():
+    """The second NMS on 0/1 scores: the untouched twin of a cleaned mask wins, unchanged masks come first."""
+    square = (40, 120, 40, 120)
+    low = torch.stack(
+        [
+            _logits([square, (200, 201, 200, 201)]),  # the square and a one-pixel island: changed
+            _logits([square]),  # the same square alone: unchanged, and it suppresses the first
+            _logits([(150, 230, 20, 100)], outside=[(180, 182, 50, 52)]),  # a 2×2 hole: changed, kept
+            _logits([(10, 30, 150, 250)]),  # unchanged, kept
+        ]
+    )
+    binary = _binary(low)
+    assert np.array_equal(binary, low.numpy() > 0)
+    stability, boxes, areas = measure(low, *EXACT_SIZES, 1.0)
+    masks = tuple(
+        FoundMask((float(k), 0.0), 0.9 - 0.1 * k, float(stability[k]), tuple(boxes[k].tolist()), int(areas[k]))
+        for k in range(len(low))
+    )
+    options = EverythingOptions(box_nms_thresh=0.5, min_mask_region_area=10)  # second NMS at 0.7
+    kept, logits, regions = postprocess_small_regions(masks, low, *EXACT_SIZES, options)
+
+    official = OfficialAutomaticMaskGenerator(None, box_nms_thresh=0.5, min_mask_region_area=10)
+    rles = [mask_to_rle(mask) for mask in binary]
+    official_boxes = mask_to_box(torch.as_tensor(binary))
+    keep, changed = official._postprocess_small_regions(rles, official_boxes)
+    assert keep == [1, 3, 2] and changed == [True, False, True, False]
+    assert [mask.point for mask in kept] == [masks[i].point for i in keep]
+    torch.testing.assert_close(logits, low[keep])
+    for mask, region, i in zip(kept, regions, keep):
+        assert mask.cleaned == changed[i] == (region is not None)
+        assert list(mask.box) == official_boxes[i].tolist()
+        pixels = binary[i] if region is None else region.to_mask(EXACT_SIZES[1])
+        assert np.array_equal(pixels, rle_to_mask(rles[i])) and mask.area == int(pixels.sum())
+    assert regions[2].to_mask(EXACT_SIZES[1])[180:182, 50:52].all()  # the hole is filled
+
+
+def test_the_label_map_honours_removed_islands_and_filled_holes():
+    """A cleaned object never gets its removed island; its filled hole is its own where no other object's mask
+    holds the pixel, and another object's where one does."""
+    first = _logits([(40, 120, 40, 120), (200, 201, 200, 201)], outside=[(70, 74, 70, 74)])  # a 4×4 hole, an island
+    second = _logits([(70, 72, 60, 80)], value=2.0)  # over the hole's top half, and over the first's square
+    low = torch.stack([first, second])
+    before = _binary(first[None])[0]
+    cleaned, changed = clean_mask(before, 20)  # the hole has 16 pixels
+    assert changed
+    labels = compose_labels(low, (Region.of(cleaned), None), *EXACT_SIZES).numpy()
+    plain = compose_labels(low, (None, None), *EXACT_SIZES).numpy()
+    assert plain[200, 200] == 1 and labels[200, 200] == 0  # the island is nobody's now
+    assert (plain[72:74, 70:74] == 0).all() and (labels[72:74, 70:74] == 1).all()  # the filled hole's free half
+    assert (labels[70:72, 70:74] == 2).all()  # the other half: the second object's mask holds it
+    assert (labels[70:72, 60:70] == 1).all() and (labels[70:72, 74:80] == 1).all()  # its higher logit wins there
+    assert np.array_equal(labels == 1, cleaned & ~(labels == 2))
+    untouched = cleaned == before
+    assert np.array_equal(labels[untouched], plain[untouched])  # elsewhere, the map is as without a clean-up
+
+
+def test_components_and_clean_up_agree_with_opencv_on_random_masks():
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        height, width = (int(v) for v in rng.integers(1, 48, 2))
+        mask = rng.random((height, width)) < rng.uniform(0.1, 0.9)
+        count, regions, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
+        found = components(mask)
+        assert found.sizes.tolist() == stats[1:, -1].tolist()  # the same components, in OpenCV's order
+        assert np.array_equal(regions[found.runs.row, found.runs.start], found.label + 1)
+        for mode in ("holes", "islands"):
+            for area in (2, 6, 40):
+                ours, changed = remove_small_regions(mask, area, mode)
+                official, official_changed = official_remove_small_regions(mask, area, mode)
+                assert changed == official_changed and np.array_equal(ours, official)
+
+
 def test_official_defaults_and_knob_names():
     options = EverythingOptions()
     assert options.as_dict() == {
@@ -79,6 +210,7 @@ def test_official_defaults_and_knob_names():
         "stability_score_thresh": 0.95,
         "stability_score_offset": 1.0,
         "box_nms_thresh": 0.7,
+        "min_mask_region_area": 0,
     }
     assert parse_everything(True) == options
     assert parse_everything({"points_per_side": 16}).points_per_side == 16
@@ -96,7 +228,11 @@ def test_official_defaults_and_knob_names():
         ({"stability_score_offset": 0}, "segment_everything.stability_score_offset"),
         ({"box_nms_thresh": 0}, "segment_everything.box_nms_thresh"),
         ({"points_per_sid": 16}, "segment_everything"),
-        ({"min_mask_region_area": 100}, "segment_everything.min_mask_region_area"),
+        ({"min_mask_region_area": -1}, "segment_everything.min_mask_region_area"),
+        ({"min_mask_region_area": 2.5}, "segment_everything.min_mask_region_area"),
+        ({"min_mask_region_area": "100"}, "segment_everything.min_mask_region_area"),
+        ({"min_mask_region_area": 40_000_001}, "segment_everything.min_mask_region_area"),
+        ({"crop_nms_thresh": 0.5}, "segment_everything.crop_nms_thresh"),
         ("yes", "segment_everything"),
     ],
 )

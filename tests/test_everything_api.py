@@ -14,6 +14,8 @@ import pytest
 from api_fixtures import build_api, png_b64
 from conftest import HQ_ID, make_picture
 from live_server import LiveServer
+from official_amg import OfficialAutomaticMaskGenerator
+from official_reference import OfficialPredictor
 from PIL import Image
 
 from segmentation.client import SegmentationAPIError, SegmentationClient
@@ -100,12 +102,49 @@ def test_our_client(server, picture, expected):
     assert caught.value.status == 400 and caught.value.param == "segment_everything.points_per_side"
 
 
+def test_min_mask_region_area_cleans_the_label_map(server, segmenter, picture):
+    """The clean-up through raw HTTP and our client, against the independent port of official (OpenCV): every
+    labelled pixel lies in its object's cleaned mask (a removed island is never the object's), and every pixel
+    of a cleaned mask is labelled (a filled hole is the object's unless another object's mask holds it)."""
+    knobs = KNOBS | {"min_mask_region_area": 20}
+    image = png_b64(picture)
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        answers = [http.post(ROUTE, json={"model": HQ_ID, "image_prompt": image, "segment_everything": k}) for k in
+                   (knobs, KNOBS)]  # fmt: skip
+    assert all(answer.status_code == 200 for answer in answers), answers[0].text
+    cleaned, plain = (answer.json()["data"][0] for answer in answers)
+    labels, plain_labels = Mask(**cleaned).to_array(), Mask(**plain).to_array()
+    reference = OfficialPredictor(segmenter.model, segmenter.loaded.processor)
+    official = OfficialAutomaticMaskGenerator(reference, **knobs).generate(picture)
+    assert [s["point"] for s in cleaned["segments"]] == [ref["point_coords"][0] for ref in official]
+    assert any(ref["changed"] for ref in official)
+    plain_value = {tuple(s["point"]): s["value"] for s in plain["segments"]}
+    islands = holes = 0
+    for segment, ref in zip(cleaned["segments"], official):
+        own, mask = labels == segment["value"], ref["segmentation"]
+        assert not (own & ~mask).any()  # never outside its cleaned mask
+        assert (labels[mask] != 0).all()  # each of its pixels is its own or another object's
+        assert segment["area"] == int(own.sum())  # measured on the map
+        before = plain_labels == plain_value[tuple(segment["point"])]
+        islands += int((before & ~mask).sum())  # its pixels before, in islands removed since
+        holes += int((own & (plain_labels == 0)).sum())  # nobody's before, its own now: filled holes
+    assert islands > 0 and holes > 0
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    with SegmentationClient(server.url) as client:  # our client passes the knob through
+        response = client.images.segment_everything(image=buffer.getvalue(), model=HQ_ID, **knobs)
+    np.testing.assert_array_equal(Mask(**response.model_dump()["data"][0]).to_array(), labels)
+
+
 @pytest.mark.parametrize(
     "extra, param",
     [
         ({"segment_everything": {"points_per_side": 100}}, "segment_everything.points_per_side"),
         ({"segment_everything": {"box_nms_thresh": 2}}, "segment_everything.box_nms_thresh"),
         ({"segment_everything": {"pred_iou": 0.5}}, "segment_everything"),
+        ({"segment_everything": {"min_mask_region_area": -1}}, "segment_everything.min_mask_region_area"),
+        ({"segment_everything": {"min_mask_region_area": 0.5}}, "segment_everything.min_mask_region_area"),
+        ({"segment_everything": {"min_mask_region_area": 10**9}}, "segment_everything.min_mask_region_area"),
         ({"segment_everything": "all"}, "segment_everything"),
         ({"segment_everything": True, "segment_prompt": [[[10, 10]]]}, "segment_prompt"),
         ({"segment_everything": True, "n": 3}, "n"),

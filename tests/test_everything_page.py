@@ -97,6 +97,8 @@ def test_cancel_stops_after_the_current_batch_and_bad_knobs_are_400(server, pict
     assert bad.status_code == 400 and "points_per_side" in bad.json()["error"]["message"]
     bad = http.post(f"/ui/session/{sid}/everything", json={"pred_iou": 0.5})
     assert bad.status_code == 400 and "unknown" in bad.json()["error"]["message"]
+    bad = http.post(f"/ui/session/{sid}/everything", json={"min_mask_region_area": 50})  # the page keeps decodes
+    assert bad.status_code == 400 and "min_mask_region_area" in bad.json()["error"]["message"]
     started = http.post(f"/ui/session/{sid}/everything", json={**KNOBS, "points_per_side": 12, "points_per_batch": 4})
     assert started.json()["total"] == 36
     _wait(http, sid, lambda s: s["done"] >= 1)

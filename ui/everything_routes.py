@@ -10,7 +10,8 @@ The objects found become ordinary page objects. SAM-HQ's generator keeps one mas
 point's best multimask candidate plus the HQ mask, which is exactly what the page decodes for a one-point
 object with its first candidate. So each found object is stored as that one include point (exact
 coordinates, not rounded), and the page's own decode reproduces the mask the generator kept: it can then be
-deleted, refined with more points or a box, and keeps its number like any other object.
+deleted, refined with more points or a box, and keeps its number like any other object. Hence the page runs
+official's `min_mask_region_area` at 0 and refuses more: a cleaned-up mask is no longer its point's decode.
 
 In front of a remote model server (`--backend URL`) a run is one request to the remote API's
 segment_everything, whose answer names each object's grid point: no batches to count, so the job reports
@@ -104,6 +105,8 @@ class EverythingRoutes:
         backend = self.routes.backend
         remote = not hasattr(backend, "segmenter")
         options = parse_everything(body or True)  # the page sends points_per_side; any official knob is accepted
+        if options.min_mask_region_area:  # a found object is its grid point's decode, which the page refines
+            raise ValueError("The page finds objects without the small-region clean-up (min_mask_region_area 0).")
         picture = session.picture
         _limits(backend).check_everything_work(options.grid_points, picture.width, picture.height)
         with self._lock:
