@@ -517,6 +517,25 @@ def test_killing_a_replica_mid_run_loses_no_request(cluster):
     assert any(tokens(r)[0] == 0 for r in after_kill)
 
 
+def test_an_everything_run_whose_replica_dies_is_run_again_on_another(cluster, replica_stats):
+    """The replica running an everything run is killed mid-run: the ingress runs it again on the other replica
+    (which encodes the picture), and the client gets its answer."""
+    image = png_b64(make_picture(200, 120, seed=9))
+    picture = picture_id(HQ_ID, base64.b64decode(image))
+    pids = wait_for(lambda: len(found := replica_pids(cluster)) == 2 and found, 180, "a replica did not come back")
+    with httpx.Client(base_url=cluster.url, timeout=300) as client, ThreadPoolExecutor(1) as pool:
+        home = click(client, image, 0).headers[REPLICA_HEADER]
+        before = replica_stats(picture)["everything"]["batches"]
+        run = pool.submit(client.post, SEGMENT, json=everything_body(image, LONG_RUN))
+        wait_for(lambda: replica_stats(picture)["everything"]["batches"] > before, 120, "the run did not start")
+        os.kill(pids[home], signal.SIGKILL)
+        answer = run.result()
+        assert answer.status_code == 200, answer.text
+        assert answer.headers[REPLICA_HEADER] != home
+    assert tokens(answer)[0] == 0, "encoded again on the other replica"
+    assert answer.json()["usage"]["input_tokens_details"]["point_tokens"] == LONG_RUN["points_per_side"] ** 2
+
+
 def replica_pids(cluster: Cluster) -> dict[str, int]:
     """Each live Segmenter replica's process, by the name its x-samhq-replica header carries, as an operator
     finds it: Ray's state API (`ray list actors`)."""
