@@ -36,8 +36,12 @@ from test_sdk import SCRIPT
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
 
+from segmentation.client import SegmentationClient  # noqa: E402
 from segmentation.serving.headers import REPLICA_HEADER  # noqa: E402
 from segmentation.serving.ray_app import picture_id  # noqa: E402
+from segmentation.settings import Settings  # noqa: E402
+from ui.remote import RemoteBackend  # noqa: E402
+from ui.state import Picture  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -349,7 +353,7 @@ def wait_for(condition, timeout: float, what: str):
     return value
 
 
-def test_segment_everything_answers_as_one_process(ray_url, one_process):
+def test_segment_everything_answers_as_one_process(ray_url, one_process, tmp_path):
     """The label map (byte-identical PNG), the segments and the usage of the single-process server; its
     picture's embedding reused (a click before it encoded it) on the replica of that click."""
     image = png_b64(make_picture(160, 100, seed=5))
@@ -357,6 +361,7 @@ def test_segment_everything_answers_as_one_process(ray_url, one_process):
         prompt = {"model": HQ_ID, "image_prompt": image, "segment_prompt": [[[9, 9]]]}
         first = client.post(ray_url + SEGMENT, json=prompt)
         assert first.status_code == client.post(one_process + SEGMENT, json=prompt).status_code == 200, first.text
+        answers = []
         for body in (everything_body(image, EVERYTHING), everything_body(image, EVERYTHING, size="80x50")):
             ours, theirs = client.post(ray_url + SEGMENT, json=body), client.post(one_process + SEGMENT, json=body)
             assert ours.status_code == theirs.status_code == 200, ours.text
@@ -368,6 +373,20 @@ def test_segment_everything_answers_as_one_process(ray_url, one_process):
             assert ours.headers[REPLICA_HEADER] == first.headers[REPLICA_HEADER]
             cached, image_tokens = tokens(ours)
             assert cached == image_tokens, "no second encode"
+            answers.append(ours.json())
+    expected = answers[0]["data"][0]  # at the picture's size
+    with SegmentationClient(ray_url) as ours_client:  # our client
+        answer = ours_client.images.segment_everything(image=base64.b64decode(image), model=HQ_ID, **EVERYTHING)
+    assert answer.data[0].b64_json == expected["b64_json"]
+    assert [s.point for s in answer.data[0].segments] == [s["point"] for s in expected["segments"]]
+    # the page in front of this application (`app.py --backend`): the grid points of the objects, best first
+    source = tmp_path / "picture.png"
+    source.write_bytes(base64.b64decode(image))
+    remote = RemoteBackend(ray_url, Settings(model=HQ_ID, preload_examples=False))
+    found = remote.everything(
+        HQ_ID, Picture("p", 160, 100, (160, 100), str(source)), EVERYTHING, hq_only=False, grid_points=36
+    )
+    assert found == [list(s["point"]) for s in expected["segments"]]
 
 
 def test_segment_everything_refuses_bad_knobs_as_one_process(ray_url, one_process):
