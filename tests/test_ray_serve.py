@@ -1,7 +1,8 @@
 """The API on Ray Serve, from the outside: `python -m segmentation.serving.ray_app` as an operator starts it (its
 own local cluster, loopback, 2 CPUs, 2 Segmenter replicas of the tiny checkpoint), driven over raw HTTP through
 Ray's proxy and with the vendor SDK, inspected with Ray's own `serve status` and `ray list actors`, a replica
-killed by its pid, and stopped with Ctrl-C.
+killed by its pid, and stopped with Ctrl-C. "Segment everything" on the same cluster: the single-process answer and
+errors, clicks first between batches, a client that leaves stops the run, a run whose replica dies is run again.
 
 Skipped with the reason where ray[serve] is not installed (requirements-ray.txt).
 """
