@@ -381,6 +381,10 @@ def create_router(
         except (service.ClientGone, Cancelled):
             log.info("dropped a request whose client left before it ran")
             return Response(status_code=499)  # nobody reads it
+        except asyncio.CancelledError:  # the server cancelled the handler (Ray Serve does when the client leaves)
+            gone.set()  # what still runs for it in the worker thread stops as if the client's disconnect came
+            gate.wake()
+            raise
         finally:
             watcher.cancel()
 
@@ -439,10 +443,14 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None,
 
 
 def install_api(
-    app: FastAPI, registry: service.ModelRegistry, settings: Settings, segment: SegmentFn = service.segment
+    app: FastAPI,
+    registry: service.ModelRegistry,
+    settings: Settings,
+    segment: SegmentFn = service.segment,
+    everything: SegmentFn | None = None,
 ) -> None:
-    """Add the API routes, its body limit and its error format to `app`."""
-    app.include_router(create_router(registry, settings, segment))
+    """Add the API routes, its body limit and its error format to `app` (`segment`, `everything`: `create_router`'s)."""
+    app.include_router(create_router(registry, settings, segment, everything))
     # outermost: it wraps whatever is mounted on `app` later (the Gradio UI) as well
     app.add_middleware(RequestGuard, limits=registry.limits, api_keys=settings.api_keys)
     if settings.api_keys:

@@ -1,19 +1,22 @@
 """The API on Ray Serve, from the outside: `python -m segmentation.serving.ray_app` as an operator starts it (its
 own local cluster, loopback, 2 CPUs, 2 Segmenter replicas of the tiny checkpoint), driven over raw HTTP through
 Ray's proxy and with the vendor SDK, inspected with Ray's own `serve status` and `ray list actors`, a replica
-killed by its pid, and stopped with Ctrl-C.
+killed by its pid, and stopped with Ctrl-C. "Segment everything" on the same cluster: the single-process answer and
+errors, clicks first between batches, a client that leaves stops the run, a run whose replica dies is run again.
 
 Skipped with the reason where ray[serve] is not installed (requirements-ray.txt).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from api_fixtures import build_api, png_b64
 from conftest import HQ_ID, SAM_ID, make_picture
@@ -33,7 +37,12 @@ from test_sdk import SCRIPT
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
 
+from segmentation.client import SegmentationClient  # noqa: E402
 from segmentation.serving.headers import REPLICA_HEADER  # noqa: E402
+from segmentation.serving.ray_app import picture_id  # noqa: E402
+from segmentation.settings import Settings  # noqa: E402
+from ui.remote import RemoteBackend  # noqa: E402
+from ui.state import Picture  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -263,6 +272,230 @@ def test_an_operator_maps_the_replica_header_to_a_process(cluster):
     assert {m["id"]: m["status"] for m in models} == {HQ_ID: "loaded", SAM_ID: "loaded"}
 
 
+# ---- segment everything on the replicas (before the kill: they run on the replicas of the first pictures) ----
+
+EVERYTHING = {  # random weights: lowered thresholds, so some masks are found; every box is about the whole picture
+    "points_per_side": 6,
+    "points_per_batch": 12,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.05,
+    "box_nms_thresh": 1.0,
+}
+LONG_RUN = {**EVERYTHING, "points_per_side": 16, "points_per_batch": 16}  # 16 batches, seconds each on a loaded CPU
+STATS = """
+import json, sys
+import ray
+from ray import serve
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+handle = serve.get_deployment_handle("Segmenter", app_name="samhq")
+print("ready", flush=True)
+for line in sys.stdin:
+    answer = handle.options(multiplexed_model_id=line.strip()).stats.remote().result(timeout_s=60)
+    print(json.dumps(answer), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The single-process server the Ray answers are compared with."""
+    app, _ = build_api()
+    with LiveServer(app) as local:
+        yield local.url
+
+
+class ReplicaStats:
+    """A replica's `stats()` as an operator gets them: a Ray driver on the cluster calls the Segmenter deployment
+    with a picture's id, which Ray routes to the replica holding that picture."""
+
+    def __init__(self, cluster: Cluster):
+        gcs = re.search(r"Ray cluster: (\S+) ", cluster.output())
+        assert gcs, cluster.output()[-3000:]
+        printed = re.search(r"^.*INFO __main__:\s+(.*?)ray list", cluster.output(), re.MULTILINE)
+        prefix = dict(item.split("=", 1) for item in shlex.split(printed.group(1))) if printed else {}
+        prefix.pop("RAY_API_SERVER_ADDRESS", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", STATS, gcs.group(1)],
+            cwd=ROOT,  # the router's class is imported from the project
+            env={**cluster.env, **prefix},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def __call__(self, picture: str) -> dict:
+        self.process.stdin.write(picture + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def replica_stats(cluster):
+    stats = ReplicaStats(cluster)
+    try:
+        yield stats
+    finally:
+        stats.close()
+
+
+def everything_body(image: str, knobs: dict, **more) -> dict:
+    return {"model": HQ_ID, "image_prompt": image, "segment_everything": knobs, **more}
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def test_segment_everything_answers_as_one_process(ray_url, one_process, tmp_path):
+    """The label map (byte-identical PNG), the segments and the usage of the single-process server; its
+    picture's embedding reused (a click before it encoded it) on the replica of that click."""
+    image = png_b64(make_picture(160, 100, seed=5))
+    with httpx.Client(timeout=300) as client:
+        prompt = {"model": HQ_ID, "image_prompt": image, "segment_prompt": [[[9, 9]]]}
+        first = client.post(ray_url + SEGMENT, json=prompt)
+        assert first.status_code == client.post(one_process + SEGMENT, json=prompt).status_code == 200, first.text
+        answers = []
+        for body in (everything_body(image, EVERYTHING), everything_body(image, EVERYTHING, size="80x50")):
+            ours, theirs = client.post(ray_url + SEGMENT, json=body), client.post(one_process + SEGMENT, json=body)
+            assert ours.status_code == theirs.status_code == 200, ours.text
+            assert len(ours.json()["data"][0]["segments"]) >= 2, "the comparison needs a few objects"
+            assert_same_answer(ours.json(), theirs.json())
+            assert [s["point"] for s in ours.json()["data"][0]["segments"]] == [
+                s["point"] for s in theirs.json()["data"][0]["segments"]
+            ]
+            assert ours.headers[REPLICA_HEADER] == first.headers[REPLICA_HEADER]
+            cached, image_tokens = tokens(ours)
+            assert cached == image_tokens, "no second encode"
+            answers.append(ours.json())
+    expected = answers[0]["data"][0]  # at the picture's size
+    with SegmentationClient(ray_url) as ours_client:  # our client
+        answer = ours_client.images.segment_everything(image=base64.b64decode(image), model=HQ_ID, **EVERYTHING)
+    assert answer.data[0].b64_json == expected["b64_json"]
+    assert [s.point for s in answer.data[0].segments] == [s["point"] for s in expected["segments"]]
+    # the page in front of this application (`app.py --backend`): the grid points of the objects, best first
+    source = tmp_path / "picture.png"
+    source.write_bytes(base64.b64decode(image))
+    remote = RemoteBackend(ray_url, Settings(model=HQ_ID, preload_examples=False))
+    found = remote.everything(
+        HQ_ID, Picture("p", 160, 100, (160, 100), str(source)), EVERYTHING, hq_only=False, grid_points=36
+    )
+    assert found == [list(s["point"]) for s in expected["segments"]]
+
+
+def test_segment_everything_refuses_bad_knobs_as_one_process(ray_url, one_process):
+    huge = png_b64(np.zeros((1500, 2000, 3), dtype=np.uint8))  # 3 megapixels × 64² points: past the work limit
+    small = png_b64(make_picture(40, 30))
+    bodies = [
+        everything_body(small, {"points_per_side": 100}),
+        everything_body(small, {"box_nms_thresh": 2}),
+        everything_body(small, {"pred_iou": 0.5}),
+        everything_body(small, "all"),
+        everything_body(small, True, segment_prompt=[[[10, 10]]]),
+        everything_body(small, True, n=3),
+        everything_body(small, True, size="0x5"),
+        everything_body(huge, {"points_per_side": 64}),
+    ]
+    with httpx.Client(timeout=120) as client:
+        for body in bodies:
+            ours, theirs = client.post(ray_url + SEGMENT, json=body), client.post(one_process + SEGMENT, json=body)
+            assert 400 <= ours.status_code < 500 and ours.status_code == theirs.status_code, ours.text
+            assert ours.content == theirs.content
+            assert ours.json()["error"]["param"] and ours.json()["error"]["code"] != "not_supported"
+
+
+SDK_EVERYTHING = """
+import json, sys
+from air import AIRefinery
+base_url, image, model, knobs = sys.argv[1:5]
+response = AIRefinery(api_key="k", base_url=base_url).images.segment(
+    image=image, segment_prompt=[], model=model, extra_body={"segment_everything": json.loads(knobs)}
+)
+print(json.dumps(response.model_dump()))
+"""
+
+
+def test_segment_everything_with_the_vendor_sdk(ray_url, one_process, sdk_python):
+    """Through `extra_body`, as in one process: the same label map (the SDK's model keeps only the map)."""
+    image = png_b64(make_picture(160, 100, seed=6))
+    result = subprocess.run(
+        [sdk_python, "-c", SDK_EVERYTHING, ray_url, image, HQ_ID, json.dumps(EVERYTHING)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = httpx.post(one_process + SEGMENT, json=everything_body(image, EVERYTHING), timeout=300).json()
+    assert payload["data"][0]["b64_json"] == expected["data"][0]["b64_json"]
+
+
+def test_a_click_during_a_run_is_answered_after_at_most_one_batch(ray_url, replica_stats):
+    """Clicks on the picture of a running everything go to its replica, are answered before the run ends, and
+    wait for at most the batch running when they came (the replica's own count)."""
+    image = png_b64(make_picture(200, 120, seed=7))
+    picture = picture_id(HQ_ID, base64.b64decode(image))
+    with httpx.Client(base_url=ray_url, timeout=300) as client, ThreadPoolExecutor(1) as pool:
+        home = click(client, image, 0).headers[REPLICA_HEADER]
+        before = replica_stats(picture)
+        assert before["replica"] == home
+        run = pool.submit(client.post, SEGMENT, json=everything_body(image, LONG_RUN))
+        wait_for(
+            lambda: replica_stats(picture)["everything"]["batches"] > before["everything"]["batches"],
+            120,
+            "the run did not start",
+        )
+        answered = 0
+        for k in range(1, 4):
+            response = click(client, image, k)
+            if run.done():
+                break
+            assert response.status_code == 200 and response.headers[REPLICA_HEADER] == home, response.text
+            answered += 1
+        assert answered >= 1, "the run ended before a click was answered"
+        everything = run.result()
+    assert everything.status_code == 200 and everything.headers[REPLICA_HEADER] == home, everything.text
+    after = replica_stats(picture)["everything"]
+    assert after["finished"] == before["everything"]["finished"] + 1
+    assert after["batches"] - before["everything"]["batches"] == 16
+    assert after["most_batches_during_a_click"] <= 1, after
+
+
+def test_a_client_that_leaves_stops_the_run(ray_url, replica_stats):
+    """The client of an everything run hangs up mid-run: the replica stops it before its last batch."""
+    image = png_b64(make_picture(200, 120, seed=8))
+    picture = picture_id(HQ_ID, base64.b64decode(image))
+    with httpx.Client(base_url=ray_url, timeout=300) as client:
+        assert click(client, image, 0).status_code == 200
+    before = replica_stats(picture)["everything"]
+    payload = json.dumps(everything_body(image, LONG_RUN)).encode()
+    host, port = ray_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as raw:
+        raw.sendall(
+            f"POST {SEGMENT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        wait_for(
+            lambda: replica_stats(picture)["everything"]["batches"] > before["batches"], 120, "the run did not start"
+        )
+    after = wait_for(
+        lambda: (now := replica_stats(picture)["everything"])["cancelled"] > before["cancelled"] and now,
+        120,
+        "the run was not stopped",
+    )
+    assert after["finished"] == before["finished"]
+    assert after["batches"] - before["batches"] < 16, after
+    assert replica_stats(picture)["everything"]["batches"] == after["batches"]
+
+
 def test_killing_a_replica_mid_run_loses_no_request(cluster):
     """4 clients keep clicking; one replica's process is killed (SIGKILL, found by its header through Ray's
     state API) after the first answers. Every request is answered 200 (retried on the other replica, which
@@ -302,6 +535,25 @@ def test_killing_a_replica_mid_run_loses_no_request(cluster):
     assert after_kill[-1].headers[REPLICA_HEADER] != victim
     # the pictures the dead replica held were encoded again elsewhere
     assert any(tokens(r)[0] == 0 for r in after_kill)
+
+
+def test_an_everything_run_whose_replica_dies_is_run_again_on_another(cluster, replica_stats):
+    """The replica running an everything run is killed mid-run: the ingress runs it again on the other replica
+    (which encodes the picture), and the client gets its answer."""
+    image = png_b64(make_picture(200, 120, seed=9))
+    picture = picture_id(HQ_ID, base64.b64decode(image))
+    pids = wait_for(lambda: len(found := replica_pids(cluster)) == 2 and found, 180, "a replica did not come back")
+    with httpx.Client(base_url=cluster.url, timeout=300) as client, ThreadPoolExecutor(1) as pool:
+        home = click(client, image, 0).headers[REPLICA_HEADER]
+        before = replica_stats(picture)["everything"]["batches"]
+        run = pool.submit(client.post, SEGMENT, json=everything_body(image, LONG_RUN))
+        wait_for(lambda: replica_stats(picture)["everything"]["batches"] > before, 120, "the run did not start")
+        os.kill(pids[home], signal.SIGKILL)
+        answer = run.result()
+        assert answer.status_code == 200, answer.text
+        assert answer.headers[REPLICA_HEADER] != home
+    assert tokens(answer)[0] == 0, "encoded again on the other replica"
+    assert answer.json()["usage"]["input_tokens_details"]["point_tokens"] == LONG_RUN["points_per_side"] ** 2
 
 
 def replica_pids(cluster: Cluster) -> dict[str, int]:

@@ -15,6 +15,10 @@
   most `max_pictures` ids (LRU, Ray's `max_num_models_per_replica`); keep that times the size of one
   embedding within the cache budget (SAMHQ_CACHE_MB).
 * When a replica dies mid-request the ingress retries on another one, which encodes the picture again.
+* "Segment everything" runs on the replica that holds the picture (the same picture id as a click: its cached
+  embedding, no second encode). The replica yields between batches to its own clicks (its `AdmissionGate`:
+  a click waits for at most one batch); when the HTTP client leaves, the ingress cancels the Ray call and the
+  replica stops the run before its next batch.
 * Decodes of concurrent clicks on one picture are merged into one decoder call (`batching`).
 * The replica that answered is named in the `x-samhq-replica` response header (for tests and operators);
   `ray list actors` maps it to a process (the command prints how).
@@ -33,6 +37,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -43,12 +48,13 @@ from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from .. import service
 from ..api import install_api
 from ..engine import Segmenter
 from ..errors import ModelUnavailableError, SegmentationError
+from ..everything import Cancelled, Progress
 from ..models import fit_cpu_threads, resolve_device
 from ..settings import Settings
 from .batching import BatchingSegmenter
@@ -59,6 +65,9 @@ log = logging.getLogger(__name__)
 
 TITLE, VERSION = "SAM-HQ point segmentation", "0.1.0"  # app.py's, so /openapi.json is the same document
 FORWARDED_ENV = ("SAMHQ_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_")  # what replicas need of the driver's environment
+# A replica's gate only tells an everything run who else is in (Ray's max_ongoing_requests bounds the requests)
+REPLICA_SLOTS = 1024
+POLL_SECONDS = 0.2  # how often the ingress looks whether the client of an everything run is still there
 
 
 def _env_number(name: str, default: float) -> float:
@@ -137,6 +146,11 @@ class SegmenterReplica:
         # a thread per request Ray lets in (the default executor has cores + 4): concurrent clicks on one
         # picture must all reach the decode to be merged
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="segment")
+        # who is working: a "segment everything" batch starts once no click is in (at most 5 s), so a click
+        # arriving during a run waits for at most the batch that is running
+        self._gate = service.AdmissionGate(max_concurrent=REPLICA_SLOTS, max_waiting=REPLICA_SLOTS)
+        self._counts_lock = threading.Lock()
+        self._everything = {"runs": 0, "finished": 0, "cancelled": 0, "batches": 0, "most_batches_during_a_click": 0}
         self.name = serve.get_replica_context().replica_id.unique_id
 
         async def hold(picture: str) -> _Held:
@@ -155,12 +169,65 @@ class SegmenterReplica:
         picture = serve.get_multiplexed_model_id()
         if picture:
             await self._hold(picture)
-        work = partial(service.segment, self.registry, **request)
+        work = partial(self._segment, request)
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
         except SegmentationError as error:  # the caller's mistake, or a 503: an answer, not a replica failure
             return error, self.name  # (raised, Ray would log a traceback for every bad request)
         return result, self.name
+
+    def _segment(self, request: dict[str, Any]) -> service.SegmentResult:
+        with self._gate.admit():  # never waits: it tells a running everything that a click is in
+            before = self._everything["batches"]
+            try:
+                return service.segment(self.registry, **request)
+            finally:  # how many everything batches a click waited for, at most (1: the one running when it came)
+                during = self._everything["batches"] - before
+                with self._counts_lock:
+                    self._everything["most_batches_during_a_click"] = max(
+                        self._everything["most_batches_during_a_click"], during
+                    )
+
+    async def everything(self, request: dict[str, Any]) -> tuple[service.SegmentResult | SegmentationError, str]:
+        """`service.segment_everything(registry, **request)` on this replica, batch by batch behind its clicks.
+        Cancelled by the caller (Ray raises CancelledError here), the run stops before its next batch."""
+        picture = serve.get_multiplexed_model_id()
+        if picture:
+            await self._hold(picture)
+        stop = threading.Event()
+        work = partial(self._run_everything, request, stop)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._threads, work)
+        except asyncio.CancelledError:  # the ingress cancelled the call: its HTTP client left
+            stop.set()  # the thread goes on until the generator reads this, before its next batch
+            raise
+        except SegmentationError as error:
+            return error, self.name
+        return result, self.name
+
+    def _run_everything(self, request: dict[str, Any], stop: threading.Event) -> service.SegmentResult:
+        def count(key: str, by: int = 1) -> None:
+            with self._counts_lock:
+                self._everything[key] += by
+
+        def batch_done(_: Progress) -> None:
+            count("batches")
+
+        count("runs")
+        try:
+            result = service.segment_everything(
+                self.registry,
+                **request,
+                batch_context=self._gate.admit_after_others,
+                progress=batch_done,
+                cancelled=stop.is_set,
+            )
+        except Cancelled:
+            count("cancelled")
+            log.info("replica %s: an everything run stopped, its caller left", self.name)
+            raise
+        count("finished")
+        return result
 
     def model_status(self) -> dict[str, str]:
         """Each served model's status on this replica: 'loaded', or why not (the ingress's /v1/models)."""
@@ -177,6 +244,8 @@ class SegmenterReplica:
             "cache": dataclasses.asdict(self.registry.cache.stats()),
             "decoder_calls": sum(b.calls for b in batchers),
             "decoded_requests": sum(b.requests for b in batchers),
+            # everything runs started, finished, cancelled; batches decoded; the most a click saw go by
+            "everything": dict(self._everything),
         }
 
 
@@ -223,20 +292,49 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title=TITLE, version=VERSION)
-        install_api(app, self.registry, self.settings, segment=self.segment)
+        install_api(app, self.registry, self.settings, segment=self.segment, everything=self.everything)
         app.add_middleware(ReplicaHeader)
         return app
 
     def segment(self, registry: service.ModelRegistry, *, image: Any, model: str | None = None, **options: Any):
         """`service.segment`'s signature, run on the replica that holds the picture (any other keyword
         arguments pass through). Called in a worker thread, so it may block on the handle."""
+        return self._ask("segment", registry, image, model, options)
+
+    def everything(
+        self,
+        registry: service.ModelRegistry,
+        *,
+        image: Any,
+        model: str | None = None,
+        batch_context: Any = None,
+        progress: Any = None,
+        cancelled: Callable[[], bool] | None = None,
+        **options: Any,
+    ):
+        """`service.segment_everything`'s signature, run on the replica that holds the picture (the same picture
+        id as a click). `batch_context` and `progress` are this process's callables and cannot cross to the
+        replica: there the replica's own gate lets its clicks go first between batches. `cancelled` is read
+        here; once true, the Ray call is cancelled and the replica stops the run before its next batch."""
+        return self._ask("everything", registry, image, model, options, cancelled or (lambda: False))
+
+    def _ask(
+        self,
+        method: str,
+        registry: service.ModelRegistry,
+        image: Any,
+        model: str | None,
+        options: dict[str, Any],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> service.SegmentResult:
+        """The replica's `method(request)`, retried on another replica when one dies mid-request."""
         name = registry.check_served(model)
         image = bytes(image)
         handle = self.segmenter.options(multiplexed_model_id=picture_id(name, image))
         request = {"image": image, "model": name, **options}
         for attempt in range(self.retries + 1):
             try:
-                result, replica = handle.segment.remote(request).result()
+                result, replica = _answer(getattr(handle, method).remote(request), cancelled)
             except RayTaskError as error:  # raised on the replica: our errors keep their type and status
                 if isinstance(error.cause, SegmentationError):
                     raise error.cause from None
@@ -251,6 +349,21 @@ class Ingress:
                 raise result
             return result
         raise ModelUnavailableError("No segmentation replica answered; retry in a few seconds.")
+
+
+def _answer(response: DeploymentResponse, cancelled: Callable[[], bool] | None) -> Any:
+    """The call's result; with `cancelled`, looked at every POLL_SECONDS: once it is true the call is cancelled
+    (Ray cancels the replica's task) and `Cancelled` raised."""
+    if cancelled is None:
+        return response.result()
+    while True:
+        if cancelled():
+            response.cancel()
+            raise Cancelled()
+        try:
+            return response.result(timeout_s=POLL_SECONDS)
+        except TimeoutError:  # Ray's GetTimeoutError is one
+            continue
 
 
 def build(args: dict[str, Any] | None = None) -> serve.Application:
