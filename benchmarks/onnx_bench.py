@@ -6,7 +6,7 @@
 Two live servers in this process share one loaded model (each registry keeps its own embedding cache); one decodes with torch,
 the other with ONNX Runtime (`Segmenter.use_decoder("onnx")`, graph exported on first use). Each rep
 sends the same warm click (the API's real request path: JSON body with the picture, cached embedding,
-PNG label map back) to both, alternating which goes first. Then the decoder alone, in process, the same
+PNG label map back) to both, in alternating blocks of 5 (`interleaved`). Then the decoder alone, in process, the same
 way. Medians, p95 and the ratio go to stdout and benchmarks/results/onnx_bench.json.
 """
 
@@ -43,16 +43,22 @@ def serve(segmenter):
     return app
 
 
-def interleaved(runs: dict, reps: int) -> dict[str, list[float]]:
-    """Seconds per rep of each callable, alternating which goes first (load drifts hit both alike)."""
+def interleaved(runs: dict, reps: int, block: int = 5) -> dict[str, list[float]]:
+    """Seconds per rep of each callable, measured in alternating blocks of `block` runs (the first run of a
+    block is a warm-up, not counted), so load drifts hit both alike while neither backend's thread pool (torch's
+    OpenMP threads wind down by spinning) runs inside the other's measurements: a server uses one backend."""
     names = list(runs)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            runs[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+    turn = 0
+    while min(len(v) for v in seconds.values()) < reps:
+        for name in names if turn % 2 == 0 else names[::-1]:
+            runs[name]()  # warm-up after the other backend's block
+            for _ in range(block):
+                start = time.perf_counter()
+                runs[name]()
+                seconds[name].append(time.perf_counter() - start)
+        turn += 1
+    return {name: values[:reps] for name, values in seconds.items()}
 
 
 def report(title: str, seconds: dict[str, list[float]]) -> dict:

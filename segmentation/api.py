@@ -103,10 +103,13 @@ def _engine_error(error: SegmentationError) -> APIError:
     return APIError(400, error.message, "invalid_request_error", param, error.code)
 
 
+def _strict_base64(payload: str) -> bytes:
+    return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+
+
 def decode_base64_image(value: str) -> bytes:
     """The picture bytes of `image_prompt` (a `data:` URL prefix is allowed)."""
     payload = _DATA_URL.sub("", value.strip(), count=1)
-    payload = re.sub(r"\s+", "", payload)
     if not payload:
         raise APIError(
             400,
@@ -116,7 +119,11 @@ def decode_base64_image(value: str) -> bytes:
             "invalid_image",
         )
     try:
-        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+        return _strict_base64(payload)
+    except (binascii.Error, ValueError):
+        pass  # line breaks or spaces inside: strip them (a regex pass over the whole text, ~4 ms per 300 kB) and retry
+    try:
+        return _strict_base64(re.sub(r"\s+", "", payload))
     except (binascii.Error, ValueError) as error:
         raise APIError(
             400, "image_prompt is not valid base64.", "invalid_request_error", "image_prompt", "invalid_base64"

@@ -91,6 +91,19 @@ def test_n_size_labels_hq_token_only_and_data_url(api):
         assert [s.area for s in mask.segments] == [int((labels == k).sum()) for k in (1, 2)]
 
 
+def test_base64_with_line_breaks_and_spaces_reads_as_the_same_picture(api):
+    """MIME-style base64 (a line break every 76 characters, as `base64.encodebytes` writes) and stray spaces
+    are accepted, as before the strict first try was added; text that is not base64 stays a named 400."""
+    picture = base64.b64decode(png_b64(make_picture(160, 100, seed=43)))
+    plain = api.post(URL, json=body(image_prompt=base64.b64encode(picture).decode()))
+    wrapped = api.post(URL, json=body(image_prompt=" " + base64.encodebytes(picture).decode().replace("A", "A ", 3)))
+    assert plain.status_code == wrapped.status_code == 200, wrapped.text
+    assert plain.json()["data"][0]["b64_json"] == wrapped.json()["data"][0]["b64_json"]
+    broken = api.post(URL, json=body(image_prompt=base64.encodebytes(picture).decode() + "*"))
+    assert broken.status_code == 400
+    assert broken.json()["error"]["code"] == "invalid_base64"
+
+
 def test_extra_body_carries_parameters(api):
     response = api.post(URL, json=body(extra_body={"n": 2, "size": "32x20"}))
     assert response.status_code == 200, response.text
