@@ -11,7 +11,8 @@ the browser, the time from the pointer's last move to the preview drawn (next an
 click at the same place, its answer painted (click → overlay painted, the page's warm click round trip), and
 the agreement of the preview's mask with the server's mask for that click (IoU at the page's preview size);
 then Undo. Also: bytes per picture (the features, gzip on the wire and unpacked) and per model (the decoder
-graph, once), and the one-off costs (graph export on the server, features and graph loaded in the browser).
+graph and its picture graph, once), and the one-off costs (graph export on the server, graphs loaded in the browser,
+features fetched and unpacked, the picture graph run once per picture).
 Random weights of the requested architecture (`--logit-gain` as the tests' checkpoints, so masks are neither
 empty nor everything): the compute is the published model's, the masks meaningless. Prints medians; writes
 benchmarks/results/preview-<shape>.json. With SAMHQ_UI_ISOLATE=1 in the environment the page is cross-origin
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| preview graph | pointer rests → preview drawn | of which wasm decoder | click → server answer painted "
         "| preview first | IoU with the click's answer, median / min | features per picture (gzip) "
-        "| graphs per model |"
+        "| graphs per model (once) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for graph, r in results.items():
@@ -262,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['click_to_overlay_painted_ms']:.0f} ms | {r['preview_before_click_points']} of {len(r['runs'])} | "
             f"{r['iou_median']:.3f} / {r['iou_min']:.3f} | {r['features_bytes_wire'] / 2**20:.2f} MB "
             f"({(r['features_bytes_unpacked'] or 0) / 2**20:.2f} MB unpacked) | "
-            f"{(r['decoder_graph_bytes'] or 0) / 2**20:.1f} MB (picture graph {(r['picture_graph_bytes'] or 0) / 2**20:.1f}"
-            f" MB, run once per picture in {r['picture_graph_run_ms'] or 0:.0f} ms) |"
+            f"{(r['decoder_graph_bytes'] or 0) / 2**20:.1f} MB in all (of which the picture graph "
+            f"{(r['picture_graph_bytes'] or 0) / 2**20:.1f} MB, run once per picture in {r['picture_graph_run_ms'] or 0:.0f} ms) |"
         )
     print(
         "\nwasm threads "
