@@ -1,4 +1,4 @@
-"""The hover preview's default graph (`export_browser_decoder(sam_only=True)`) against the engine's torch decode.
+"""The hover preview's SAM-tokens graph (`export_browser_decoder(sam_only=True)`) against the engine's torch decode.
 
 It must give the candidate the engine ranks first among SAM's own tokens (the same multimask rule; the HQ mask,
 which a click adds, left out), with its score, and take no hq_features, so the page need not fetch them; fed, as
