@@ -12,14 +12,15 @@ what `decoder.sparse_tokens` gives for the same prompt.
 * The server graph (`ServerDecoder`) takes the cached `PictureFeatures` as they are (including the
   first layer's picture-only projections) and returns what `DecoderOutput` holds, so ranking and
   composing stay shared with the torch path.
-* The browser graph (`BrowserDecoder`, `export_browser_decoder`) takes only the image tokens and HQ
-  features (what a page can fetch once per picture), computes the projections itself, and returns
+* The browser graphs (`export_browser_decoder`): a small picture graph (`BrowserPicture`) that the page runs once
+  per picture on the image tokens it fetched, giving the first layer's projections and the positional grid, and
+  the decoder graph (`BrowserDecoder`) that takes those, the tokens and HQ features, runs per hover and returns
   the candidate the engine would rank first for one object, with its score.
 
     python -m segmentation.onnx_graph --model syscv-community/sam-hq-vit-base [--out PATH] [--browser]
 
 writes the server graph where the server looks for it (HF_HOME/samhq-onnx/, see onnx_decoder), or to
-PATH; `--browser` the browser graph (default NAME-browser-decoder.onnx).
+PATH; `--browser` the browser graphs (default NAME-browser-decoder.onnx and, beside it, its -picture.onnx).
 
 The export tools (onnx, onnxscript) are optional: requirements-onnx.txt. Running a graph needs only
 onnxruntime (requirements.txt).
@@ -44,6 +45,9 @@ from . import decoder as dec
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization's first opset; onnxruntime-web runs it
+# The browser graphs' interface (inputs, outputs, files): part of their cached file names, so a server never serves
+# a graph of an older interface to the page's current worker. 2: the picture graph beside the decoder graph.
+BROWSER_GRAPHS_VERSION = 2
 # Labels of Meta's ONNX prompt convention.
 NOT_A_POINT, EXCLUDE, INCLUDE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = -1.0, 0.0, 1.0, 2.0, 3.0
 
@@ -247,8 +251,27 @@ def first_sam_candidate(model, queries: torch.Tensor, keys: torch.Tensor, grid: 
     return mask, score
 
 
+class BrowserPicture(nn.Module):
+    """tokens (1, 1, H*W, C) → keys, values, queries (1, 1, H*W, C/2) and positions (1, 1, H*W, C): what the
+    browser decoder graph takes of a picture beyond its tokens, run once per picture in the page's worker (the
+    first two-way layer's picture-only projections, `picture_projections`, as the server caches them in
+    `PictureFeatures`). The positional grid depends on the weights alone; it is this graph's output so that the
+    page downloads it once (in this graph) and the decoder graph takes it as an input instead of holding a copy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        # a parameter, not a buffer: the exporter inlines a buffer as a Constant at each use
+        self.positions = nn.Parameter(dec.positional_tokens(model).clone(), requires_grad=False)
+
+    def forward(self, tokens):
+        keys, values, queries = picture_projections(self.model, tokens, self.positions)
+        return keys, values, queries, self.positions
+
+
 class BrowserDecoder(nn.Module):
-    """tokens (1, 1, H*W, C), [hq_features (1, C/8, 4H, 4W)], point_coords (1, P, 2), point_labels (1, P) →
+    """tokens (1, 1, H*W, C), keys, values, queries (1, 1, H*W, C/2) and positions (1, 1, H*W, C) from
+    `BrowserPicture`, [hq_features (1, C/8, 4H, 4W)], point_coords (1, P, 2), point_labels (1, P) →
     low_res_logits (1, 1, 4H, 4W) of the first-ranked candidate, score (1,).
 
     `sam_only`: the first-ranked candidate of SAM's own tokens, without the HQ mask (no `hq_features` input). The
@@ -261,17 +284,13 @@ class BrowserDecoder(nn.Module):
         self.prompt = PromptTokens(model)
         self.grid = grid
         self.sam_only = sam_only
-        # a parameter, not a buffer: the exporter inlines a buffer as a Constant at each of its 3 uses (3 × 4 MB for
-        # ViT-B's 64×64×256 in the page's download); a parameter is one initializer
-        self.positions = nn.Parameter(dec.positional_tokens(model).clone(), requires_grad=False)
 
-    def forward(self, tokens, point_coords, point_labels, hq_features=None):
-        keys, values, queries = picture_projections(self.model, tokens, self.positions)
+    def forward(self, tokens, keys, values, queries, positions, point_coords, point_labels, hq_features=None):
         if self.sam_only and dec.is_hq(self.model):
             hq_features = tokens  # only a marker: `decode_tokens` then adds the HQ token; its value is never read
         picture = dec.PictureFeatures(tokens, keys, values, queries, self.grid, hq_features)
         sparse = self.prompt(point_coords, point_labels)
-        q, k = _call(dec.decode_tokens, self.model, picture, self.positions, sparse)
+        q, k = _call(dec.decode_tokens, self.model, picture, positions, sparse)
         if self.sam_only:
             return first_sam_candidate(self.model, q, k, self.grid, point_labels)
         output = decode_masks_folded(self.model, picture, q, k)
@@ -412,24 +431,67 @@ def export_server_decoder(model, path: Path) -> Path:
     return _export(ServerDecoder(_float32_cpu(model), grid), args, names, outputs, dynamic, path)
 
 
+def picture_graph_path(decoder_path: Path) -> Path:
+    """Where `export_browser_decoder` writes the picture graph that goes with the decoder graph at `decoder_path`."""
+    decoder_path = Path(decoder_path)
+    return decoder_path.with_name(f"{decoder_path.stem}-picture.onnx")
+
+
+def export_browser_picture(model, path: Path) -> Path:
+    """Write the browser's picture graph (`BrowserPicture`) of `model` to `path`. Input: tokens float32
+    (1, 1, H*W, C) = `PictureFeatures.tokens`. Outputs: keys, values, queries float32 (1, 1, H*W, C/2), as
+    `PictureFeatures` holds them, and positions float32 (1, 1, H*W, C), the decoder graph's inputs of those names."""
+    grid = _grid(model)
+    tokens = _example_picture(model, grid)["tokens"]
+    module = BrowserPicture(_float32_cpu(model))
+    outputs = ["keys", "values", "queries", "positions"]
+    _export(module, (tokens,), ["tokens"], outputs, {}, path)
+    return _name_outputs(path, outputs)
+
+
+def _name_outputs(path: Path, names: list[str]) -> Path:
+    """Give the graph's outputs `names`: an output the exporter folded into a constant (the positional grid, which
+    depends on no input) keeps the constant's name whatever `output_names` asked; an Identity node renames it."""
+    import onnx
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    changed = False
+    for output, name in zip(graph.output, names):
+        if output.name != name:
+            graph.node.append(onnx.helper.make_node("Identity", [output.name], [name], name=f"output_{name}"))
+            output.name = name
+            changed = True
+    if changed:
+        onnx.save(graph_model, str(path))
+    return Path(path)
+
+
 def export_browser_decoder(model, path: Path, sam_only: bool = False) -> Path:
-    """Write the browser graph of `model` to `path`. Inputs: tokens float32 (1, 1, H*W, C) =
-    `PictureFeatures.tokens`; hq_features float32 (1, C/8, 4H, 4W) = `PictureFeatures.hq_features` (SAM-HQ
-    only); point_coords float32 (1, P, 2) in the 1024 frame; point_labels float32 (1, P) in Meta's convention
-    (1 include, 0 exclude, 2/3 box corners, -1 the pad the caller appends when there is no box); P dynamic.
-    Outputs: low_res_logits float32 (1, 1, 4H, 4W), the candidate the engine ranks first for that object
-    (HQ mask added), and score float32 (1,), its predicted IoU. `sam_only`: without the HQ mask and without the
-    hq_features input (`BrowserDecoder`), the hover preview's cheaper graph."""
+    """Write the browser graph of `model` to `path`, and its picture graph (`export_browser_picture`) beside it at
+    `picture_graph_path(path)`: the page runs that one once per picture, this one per hover. Inputs: tokens
+    float32 (1, 1, H*W, C) = `PictureFeatures.tokens`; keys, values, queries, positions: the picture graph's
+    outputs; hq_features float32 (1, C/8, 4H, 4W) = `PictureFeatures.hq_features` (SAM-HQ only); point_coords
+    float32 (1, P, 2) in the 1024 frame; point_labels float32 (1, P) in Meta's convention (1 include, 0 exclude,
+    2/3 box corners, -1 the pad the caller appends when there is no box); P dynamic. Outputs: low_res_logits
+    float32 (1, 1, 4H, 4W), the candidate the engine ranks first for that object (HQ mask added), and score float32
+    (1,), its predicted IoU. `sam_only`: without the HQ mask and without the hq_features input (`BrowserDecoder`),
+    the hover preview's cheaper graph."""
     grid = _grid(model)
     picture = _example_picture(model, grid)
     coords, labels = meta_prompt(np.array([[[10.0, 20.0], [300.0, 400.0]]]), np.ones((1, 2)), None)
     hq = "hq_features" in picture and not sam_only
-    names = ["tokens", "point_coords", "point_labels"] + (["hq_features"] if hq else [])
-    args = (picture["tokens"], torch.from_numpy(coords), torch.from_numpy(labels))
+    float_model = _float32_cpu(model)
+    positions = dec.positional_tokens(float_model).clone()
+    names = ["tokens", "keys", "values", "queries", "positions", "point_coords", "point_labels"]
+    names += ["hq_features"] if hq else []
+    args = tuple(picture[n] for n in names[:4]) + (positions, torch.from_numpy(coords), torch.from_numpy(labels))
     args += (picture["hq_features"],) if hq else ()
     dynamic = {"point_coords": {1: "points"}, "point_labels": {1: "points"}}
-    module = BrowserDecoder(_float32_cpu(model), grid, sam_only)
-    return _export(module, args, names, ["low_res_logits", "score"], dynamic, path)
+    module = BrowserDecoder(float_model, grid, sam_only)
+    _export(module, args, names, ["low_res_logits", "score"], dynamic, path)
+    export_browser_picture(float_model, picture_graph_path(path))
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -456,11 +456,14 @@ _graph_paths: dict[int, tuple[Any, Path]] = {}  # a loaded model's graph, so its
 def browser_decoder_path(registry: ModelRegistry, model: str | None = None, sam_only: bool = False) -> Path:
     """The served model's browser decoder graph (`onnx_graph.export_browser_decoder`), exported on first use into
     `browser_graph_folder()` under a name holding a digest of the decoder's weights (a new checkpoint under the
-    same id gets a new graph) and reused after. One export at a time in the process (it takes seconds), in a
-    child process. `sam_only`: the graph of SAM's own tokens, without the HQ mask (`BrowserDecoder`)."""
+    same id gets a new graph) and reused after, with its picture graph beside it (`onnx_graph.picture_graph_path`).
+    One export at a time in the process (it takes seconds), in a child process. `sam_only`: the graph of SAM's own
+    tokens, without the HQ mask (`BrowserDecoder`)."""
     import hashlib
     import subprocess
     import sys
+
+    from .onnx_graph import BROWSER_GRAPHS_VERSION, picture_graph_path
 
     name = registry.check_served(model)
     segmenter = registry.get(name)
@@ -469,7 +472,7 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None, sam_
             f"The hover preview needs a SAM-HQ model (its HQ features); {segmenter.model_id} has none."
         )
     known = _graph_paths.get((id(segmenter), sam_only))
-    if known is not None and known[0] is segmenter and known[1].exists():
+    if known is not None and known[0] is segmenter and known[1].exists() and picture_graph_path(known[1]).exists():
         return known[1]
     digest = hashlib.sha256()
     for module in (segmenter.model.prompt_encoder, segmenter.model.mask_decoder):
@@ -477,10 +480,10 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None, sam_
             digest.update(key.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in segmenter.model_id)[-80:]
-    variant = "browser-sam-decoder" if sam_only else "browser-decoder"
+    variant = ("browser-sam-decoder" if sam_only else "browser-decoder") + f"-v{BROWSER_GRAPHS_VERSION}"
     path = browser_graph_folder() / f"{safe}-{digest.hexdigest()[:16]}-{variant}.onnx"
     with _graph_lock:
-        if path.exists():
+        if path.exists() and picture_graph_path(path).exists():
             _graph_paths[(id(segmenter), sam_only)] = (segmenter, path)
             return path
         start = time.perf_counter()
@@ -495,13 +498,16 @@ def browser_decoder_path(registry: ModelRegistry, model: str | None = None, sam_
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=GRAPH_EXPORT_TIMEOUT)
         except subprocess.TimeoutExpired as error:
             partial.unlink(missing_ok=True)
+            picture_graph_path(partial).unlink(missing_ok=True)
             raise PreviewUnavailable("Building the hover preview's decoder took too long on this server.") from error
-        if done.returncode != 0 or not partial.exists():
+        if done.returncode != 0 or not partial.exists() or not picture_graph_path(partial).exists():
             partial.unlink(missing_ok=True)
+            picture_graph_path(partial).unlink(missing_ok=True)
             last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
             log.warning("browser decoder for %s failed: %s", segmenter.model_id, last)
             raise PreviewUnavailable(f"The hover preview's decoder cannot be built here ({last}).")
-        os.replace(partial, path)  # whole or absent: a reader never sees half a graph
+        os.replace(picture_graph_path(partial), picture_graph_path(path))
+        os.replace(partial, path)  # whole or absent: a reader never sees half a graph (the decoder last: the mark)
         _graph_paths[(id(segmenter), sam_only)] = (segmenter, path)
         log.info(
             "browser decoder for %s: %.1f s, %.1f MB",

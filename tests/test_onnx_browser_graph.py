@@ -1,7 +1,9 @@
-"""The browser's decoder graph (`onnx_graph.export_browser_decoder`) against the engine's torch decode.
+"""The browser's graphs (`onnx_graph.export_browser_decoder`) against the engine's torch decode.
 
-The page feeds the graph a picture's tokens and HQ features and one object's prompt in Meta's ONNX
-convention; it must give the candidate the engine ranks first for that object, and its score.
+Once per picture the page runs the picture graph on the picture's tokens: it must give the first layer's
+projections the engine caches (`PictureFeatures`) and the positional grid. Per hover it feeds the decoder graph
+the tokens, those outputs, the HQ features and one object's prompt in Meta's ONNX convention; it must give the
+candidate the engine ranks first for that object, and its score.
 """
 
 from __future__ import annotations
@@ -30,24 +32,52 @@ OBJECTS = [
 ]
 
 
+PICTURE_OUTPUTS = ["keys", "values", "queries", "positions"]
+
+
 @pytest.fixture(scope="module")
-def browser_session(segmenter, tmp_path_factory):
+def sessions(segmenter, tmp_path_factory):
+    """(picture graph, decoder graph) sessions, as the page's worker holds them."""
     import onnxruntime
 
     path = onnx_graph.export_browser_decoder(segmenter.model, tmp_path_factory.mktemp("onnx") / "browser.onnx")
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    picture = onnx_graph.picture_graph_path(path)
+    assert picture.exists() and picture.parent == path.parent
+    return tuple(onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (picture, path))
 
 
-def test_graph_inputs_and_outputs_are_the_documented_ones(browser_session):
-    inputs = {i.name: i.shape for i in browser_session.get_inputs()}
-    assert set(inputs) == {"tokens", "hq_features", "point_coords", "point_labels"}
+def test_graph_inputs_and_outputs_are_the_documented_ones(sessions):
+    picture, decoder = sessions
+    assert [i.name for i in picture.get_inputs()] == ["tokens"]
+    assert [o.name for o in picture.get_outputs()] == PICTURE_OUTPUTS
+    inputs = {i.name: i.shape for i in decoder.get_inputs()}
+    assert set(inputs) == {"tokens", *PICTURE_OUTPUTS, "hq_features", "point_coords", "point_labels"}
     assert isinstance(inputs["point_coords"][1], str), "the number of points must be dynamic"
-    assert [o.name for o in browser_session.get_outputs()] == ["low_res_logits", "score"]
+    assert [o.name for o in decoder.get_outputs()] == ["low_res_logits", "score"]
 
 
-def test_each_prompt_shape_gives_the_engines_first_candidate(segmenter, browser_session):
+def test_picture_graph_gives_the_engines_cached_projections(segmenter, sessions):
+    from segmentation import decoder as dec
+
+    features = segmenter.embed(make_picture(320, 200, seed=5)).features
+    keys, values, queries, positions = sessions[0].run(None, {"tokens": features.tokens.numpy()})
+    expected = {
+        "keys": features.keys,
+        "values": features.values,
+        "queries": features.queries,
+        "positions": dec.positional_tokens(segmenter.model),
+    }
+    for name, got in zip(PICTURE_OUTPUTS, (keys, values, queries, positions)):
+        want = expected[name].float().numpy()
+        assert got.shape == want.shape, name
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max())), name
+
+
+def test_each_prompt_shape_gives_the_engines_first_candidate(segmenter, sessions):
+    picture_session, browser_session = sessions
     embedding = segmenter.embed(make_picture(320, 200, seed=3))
     features = embedding.features
+    projected = dict(zip(PICTURE_OUTPUTS, picture_session.run(None, {"tokens": features.tokens.numpy()})))
     decoded = segmenter.decode(embedding, [o[0] for o in OBJECTS], [o[1] for o in OBJECTS], [o[2] for o in OBJECTS])
     sizes = (embedding.original_size, embedding.resized_size)
     for i, obj in enumerate(decoded.prompt.objects):
@@ -61,6 +91,7 @@ def test_each_prompt_shape_gives_the_engines_first_candidate(segmenter, browser_
             None,
             {
                 "tokens": features.tokens.numpy(),
+                **projected,
                 "hq_features": features.hq_features.numpy(),
                 "point_coords": coords,
                 "point_labels": kinds,

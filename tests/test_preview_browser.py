@@ -46,7 +46,7 @@ def reference_masks(segmenter, picture, coords: list[float], labels: list[float]
     """(SAM-tokens candidate, HQ answer) for the page's prompt, as masks at the picture's size, here in torch."""
     import torch
 
-    from segmentation.decoder import upscale_logits
+    from segmentation.decoder import positional_tokens, upscale_logits
     from segmentation.onnx_graph import BrowserDecoder
 
     embedding = segmenter.embed(picture)
@@ -56,8 +56,18 @@ def reference_masks(segmenter, picture, coords: list[float], labels: list[float]
     masks = []
     for sam_only in (True, False):
         decoder = BrowserDecoder(segmenter.model, features.grid, sam_only=sam_only).eval()
+        # the picture graph's outputs are the engine's cached projections (tests/test_onnx_browser_graph.py)
         with torch.no_grad():
-            logits, _ = decoder(features.tokens, point_coords, point_labels, features.hq_features)
+            logits, _ = decoder(
+                features.tokens,
+                features.keys,
+                features.values,
+                features.queries,
+                positional_tokens(segmenter.model),
+                point_coords,
+                point_labels,
+                features.hq_features,
+            )
         masks.append(upscale_logits(logits[0], embedding.resized_size, embedding.original_size)[0].numpy() > 0)
     return masks
 

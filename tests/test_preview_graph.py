@@ -1,7 +1,8 @@
-"""The hover preview's default graph (`export_browser_decoder(sam_only=True)`) against the engine's torch decode.
+"""The hover preview's SAM-tokens graph (`export_browser_decoder(sam_only=True)`) against the engine's torch decode.
 
 It must give the candidate the engine ranks first among SAM's own tokens (the same multimask rule; the HQ mask,
-which a click adds, left out), with its score, and take no hq_features, so the page need not fetch them."""
+which a click adds, left out), with its score, and take no hq_features, so the page need not fetch them; fed, as
+in the page's worker, its picture graph's outputs (keys, values, queries, positions) computed once per picture."""
 
 from __future__ import annotations
 
@@ -34,8 +35,14 @@ def test_sam_only_graph_gives_sams_first_candidate(segmenter, tmp_path):
 
     path = onnx_graph.export_browser_decoder(segmenter.model, tmp_path / "sam.onnx", sam_only=True)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert {i.name for i in session.get_inputs()} == {"tokens", "point_coords", "point_labels"}
+    picture_session = onnxruntime.InferenceSession(
+        str(onnx_graph.picture_graph_path(path)), providers=["CPUExecutionProvider"]
+    )
+    picture_outputs = [o.name for o in picture_session.get_outputs()]
+    assert {i.name for i in session.get_inputs()} == {"tokens", *picture_outputs, "point_coords", "point_labels"}
     embedding = segmenter.embed(make_picture(320, 200, seed=3))
+    tokens = embedding.features.tokens.numpy()
+    projected = dict(zip(picture_outputs, picture_session.run(None, {"tokens": tokens})))
     decoded = segmenter.decode(embedding, [o[0] for o in OBJECTS], [o[1] for o in OBJECTS], [o[2] for o in OBJECTS])
     assert decoded.logits.shape[0] == len(OBJECTS)
     sizes = (embedding.original_size, embedding.resized_size)
@@ -48,7 +55,7 @@ def test_sam_only_graph_gives_sams_first_candidate(segmenter, tmp_path):
             to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4) if boxes is not None else None,
         )
         logits, score = session.run(
-            None, {"tokens": embedding.features.tokens.numpy(), "point_coords": coords, "point_labels": kinds}
+            None, {"tokens": tokens, **projected, "point_coords": coords, "point_labels": kinds}
         )
         # the engine's decode of the same prompt (its tokens as onnx_graph's parity tests check them)
         sparse = onnx_graph.PromptTokens(segmenter.model)(torch.from_numpy(coords), torch.from_numpy(kinds))

@@ -1,7 +1,7 @@
 """Issue 19 part 2, the hover preview's routes, as the browser meets them: raw HTTP against a live server of the
 real app. The features decode back to the engine's tensors within float16 precision, files are immutable under
 their URL (ETag, 304), a stranger's or a stale session/picture is a 404, the bytes and streams bounds hold,
-and the decoder graph served is one onnxruntime loads and runs."""
+and the graphs served (decoder and picture graph) are ones onnxruntime loads and runs together."""
 
 from __future__ import annotations
 
@@ -76,17 +76,27 @@ def test_features_graph_and_runtime_as_the_browser_gets_them(served):
         )
     assert got["header"]["resized_size"] == list(embedding.resized_size)
 
-    # the graph: immutable, and loadable and runnable by onnxruntime on those features
-    graph = http.get(info["decoder"])
-    assert graph.status_code == 200 and "immutable" in graph.headers["cache-control"]
+    # the graphs: immutable, and loadable and runnable by onnxruntime on those features, as the worker runs them
+    # (the picture graph once per picture, its outputs fed to the decoder graph with each prompt)
     import onnxruntime
 
+    graph = http.get(info["decoder"])
+    assert graph.status_code == 200 and "immutable" in graph.headers["cache-control"]
+    picture_graph = http.get(info["picture_graph"])
+    assert picture_graph.status_code == 200 and "immutable" in picture_graph.headers["cache-control"]
+    assert http.get(info["picture_graph"], headers={"If-None-Match": picture_graph.headers["etag"]}).status_code == 304
+    picture_session = onnxruntime.InferenceSession(picture_graph.content, providers=["CPUExecutionProvider"])
     session = onnxruntime.InferenceSession(graph.content, providers=["CPUExecutionProvider"])
-    assert {i.name for i in session.get_inputs()} == {"tokens", "point_coords", "point_labels"}
+    tokens = got["tokens"].astype(np.float32)
+    projected = dict(
+        zip([o.name for o in picture_session.get_outputs()], picture_session.run(None, {"tokens": tokens}))
+    )
+    assert {i.name for i in session.get_inputs()} == {"tokens", *projected, "point_coords", "point_labels"}
     low, score = session.run(
         None,
         {
-            "tokens": got["tokens"].astype(np.float32),
+            "tokens": tokens,
+            **projected,
             "point_coords": np.array([[[300.0, 200.0], [0.0, 0.0]]], np.float32),
             "point_labels": np.array([[1.0, -1.0]], np.float32),
         },

@@ -1,8 +1,10 @@
 """The hover preview's routes: what the browser needs to run the decoder itself while the pointer rests.
 
 Per picture the page fetches its features once (`PictureFeatures.tokens`, and `.hq_features` for the HQ graph,
-as float16, gzip), per model the decoder graph once (`onnx_graph.export_browser_decoder`, exported on first use
-and kept on disk, see `service.browser_decoder_path`), and onnxruntime-web's files from our own server (ui/static/vendor; no CDN).
+as float16, gzip), per model the decoder graph and its small picture graph once (`onnx_graph.export_browser_decoder`,
+exported on first use and kept on disk, see `service.browser_decoder_path`; the worker runs the picture graph once
+per picture for the first layer's projections, the decoder graph per hover), and onnxruntime-web's files from our
+own server (ui/static/vendor; no CDN).
 A click still goes to the server, whose answer is authoritative: the preview is only a drawing.
 
 Which graph (SAMHQ_UI_PREVIEW_GRAPH): `hq` (default), the very answer a click gets, or `sam`, the first-ranked
@@ -171,11 +173,13 @@ class PreviewGraphs:
             return state
 
     def _build(self, model: str) -> None:
+        from segmentation.onnx_graph import picture_graph_path
         from segmentation.service import browser_decoder_path
 
         try:
             path = browser_decoder_path(self.registry, model, sam_only=self.sam_only)
             state: tuple[str, Any] = ("ready", path)
+            self.by_name[picture_graph_path(path).stem] = picture_graph_path(path)
             self.by_name[path.stem] = path
         except SegmentationError as failure:
             state = ("failed", failure.message)  # no HQ features, no export tools: stays so for this process
@@ -227,6 +231,8 @@ class PreviewRoutes:
         picture = session.picture
         if picture is None or picture.key is None:
             return {**base, "state": "waiting", "reason": "The preview starts when the picture is ready."}
+        from segmentation.onnx_graph import picture_graph_path
+
         sid, token = session.id, picture_token(picture.key, self.options["graph"])
         return {
             **base,
@@ -236,6 +242,7 @@ class PreviewRoutes:
             "key": token,
             "features": f"/ui/session/{sid}/preview/features/{token}",
             "decoder": f"/ui/preview/decoder/{value.stem}.onnx",
+            "picture_graph": f"/ui/preview/decoder/{picture_graph_path(value).stem}.onnx",
             "runtime": f"/ui/preview/runtime/{RUNTIME_VERSION}/",
             "worker": "/ui/preview/worker.js",
             "threads": 4 if self.options["isolate"] else 1,  # used only where the page is cross-origin isolated
@@ -323,7 +330,8 @@ class TooLarge(Exception):
 
 
 def install_preview_routes(router: APIRouter, routes: PageRoutes, guarded) -> PreviewRoutes:
-    """Adds /ui/session/{sid}/preview (what to fetch), …/preview/features/{key}, /ui/preview/decoder/{name}.onnx,
+    """Adds /ui/session/{sid}/preview (what to fetch), …/preview/features/{key}, /ui/preview/decoder/{name}.onnx (the
+    decoder graph and its picture graph),
     /ui/preview/runtime/{version}/{file} and /ui/preview/worker.js."""
     preview = PreviewRoutes(routes)
     routes.preview = preview

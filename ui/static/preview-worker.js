@@ -1,11 +1,14 @@
 // The hover preview's worker (a module worker, so the page's thread never waits for an inference): it holds
-// onnxruntime-web's session of the browser decoder graph and the current picture's features, and answers
-// each "run" with the mask as RGBA at the page's preview size, upscaled as the server upscales
-// (segmentation/decoder.py upscale_logits: bilinear 256 → 1024, crop to the resized size, bilinear to the size).
+// onnxruntime-web's sessions of the browser graphs (segmentation/onnx_graph.py: the picture graph, run once per
+// picture for the first two-way layer's projections and the positional grid, and the decoder graph, run per
+// hover) and the current picture's features, and answers each "run" with the mask as RGBA at the page's preview
+// size, upscaled as the server upscales (segmentation/decoder.py upscale_logits: bilinear 256 → 1024, crop to
+// the resized size, bilinear to the size).
 let ort = null;
 let session = null;
+let pictureSession = null;
 let decoderUrl = null;
-let picture = null; // { key, tokens, hq, original: [h, w], resized: [h, w], grid }
+let picture = null; // { key, tokens, hq, projected: {keys, values, queries, positions}, original: [h, w], resized: [h, w] }
 
 const HALF = (() => {
   // every float16 bit pattern as a float32: one table lookup per value
@@ -30,12 +33,22 @@ async function init(message) {
   }
   if (decoderUrl === message.decoder && session) return { bytes: 0, ms: 0 };
   const start = performance.now();
-  const response = await fetch(message.decoder);
-  if (!response.ok) throw new Error("The preview's decoder could not be fetched (" + response.status + ").");
-  const graph = new Uint8Array(await response.arrayBuffer());
-  session = await ort.InferenceSession.create(graph, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+  session = null; pictureSession = null; decoderUrl = null; picture = null; // a new model: its own projections
+  const load = async (url) => {
+    const response = await fetch(url);
+    if (!response.ok) throw new Error("The preview's decoder could not be fetched (" + response.status + ").");
+    const graph = new Uint8Array(await response.arrayBuffer());
+    const made = await ort.InferenceSession.create(graph, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+    return { made, bytes: graph.byteLength };
+  };
+  const [decoder, pictureGraph] = await Promise.all([load(message.decoder), load(message.picture)]);
+  session = decoder.made;
+  pictureSession = pictureGraph.made;
   decoderUrl = message.decoder;
-  return { bytes: graph.byteLength, ms: performance.now() - start, threads: ort.env.wasm.numThreads };
+  return {
+    bytes: decoder.bytes + pictureGraph.bytes, pictureGraphBytes: pictureGraph.bytes,
+    ms: performance.now() - start, threads: ort.env.wasm.numThreads,
+  };
 }
 
 async function features(message) {
@@ -59,11 +72,15 @@ async function features(message) {
     for (let i = 0; i < count; i++) values[i] = HALF[low[i] | (high[i] << 8)];
     arrays[item.name] = new ort.Tensor("float32", values, item.shape);
   }
+  // the first layer's picture-only projections, once per picture (as the server caches them), not per hover
+  const projecting = performance.now();
+  const projected = await pictureSession.run({ tokens: arrays.tokens });
   picture = {
-    key: message.key, tokens: arrays.tokens, hq: arrays.hq_features,
+    key: message.key, tokens: arrays.tokens, hq: arrays.hq_features, projected,
     original: header.original_size, resized: header.resized_size,
   };
-  return { bytes: data.byteLength, ms: performance.now() - start, resized: header.resized_size };
+  const end = performance.now();
+  return { bytes: data.byteLength, ms: end - start, pictureMs: end - projecting, resized: header.resized_size };
 }
 
 // Bilinear resize of rows × cols `source` (row-major) to outRows × outCols, align_corners=False as torch's
@@ -116,6 +133,7 @@ async function run(message) {
   const count = message.labels.length;
   const feeds = {
     tokens: picture.tokens,
+    ...picture.projected,
     point_coords: new ort.Tensor("float32", Float32Array.from(message.coords), [1, count, 2]),
     point_labels: new ort.Tensor("float32", Float32Array.from(message.labels), [1, count]),
   };

@@ -76,9 +76,13 @@
           worker(info.worker);
           if (P.decoder !== info.decoder) {
             show("loading", "loading the decoder…");
-            const loaded = await ask({ type: "init", runtime: info.runtime, decoder: info.decoder, threads: info.threads });
+            P.key = null; // a new decoder's worker has no picture yet
+            const loaded = await ask({
+              type: "init", runtime: info.runtime, decoder: info.decoder, picture: info.picture_graph, threads: info.threads,
+            });
             P.decoder = info.decoder;
             P.bytes.decoder = loaded.bytes; P.bytes.decoderMs = loaded.ms; P.threads = loaded.threads;
+            P.bytes.pictureGraph = loaded.pictureGraphBytes;
           }
           if (P.key !== info.key) {
             show("loading", "loading the picture's features…");
@@ -86,7 +90,7 @@
             const loaded = await ask({ type: "features", key: info.key, url: info.features });
             P.key = info.key;
             P.resized = loaded.resized; // the picture inside the model's 1024 frame, as the server made it
-            P.bytes.features = loaded.bytes; P.bytes.featuresMs = loaded.ms;
+            P.bytes.features = loaded.bytes; P.bytes.featuresMs = loaded.ms; P.bytes.pictureMs = loaded.pictureMs;
           }
           if (!S.view.picture || !S.view.picture.embedded) continue;
           // the SAM-tokens graph (SAMHQ_UI_PREVIEW_GRAPH=sam) previews a different mask from the click's: say so
