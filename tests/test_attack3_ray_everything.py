@@ -61,6 +61,8 @@ def test_ray_ingress_everything_is_bounded_like_the_plain_app():
     ingress = object.__new__(ray_app.Ingress.func_or_class)
     ingress.segmenter, ingress.retries, ingress.settings = _Handle(), 0, settings
     ingress.registry = service.ModelRegistry(settings)
+    if hasattr(ray_app, "EVERYTHING_RUNS"):  # the proposed fix's bound (Ingress.__init__ is not run here)
+        ingress._everything_runs = threading.BoundedSemaphore(ray_app.EVERYTHING_RUNS)
     app = FastAPI()
     install_api(app, ingress.registry, settings, segment=ingress.segment, everything=ingress.everything)
     body = {"model": HQ_ID, "image_prompt": png_b64(), "segment_everything": {"points_per_side": 2}}
@@ -86,12 +88,15 @@ def test_ray_ingress_everything_is_bounded_like_the_plain_app():
 
 
 def test_replica_gate_runs_one_everything_batch_at_a_time():
-    gate = service.AdmissionGate(max_concurrent=ray_app.REPLICA_SLOTS, max_waiting=ray_app.REPLICA_SLOTS)
+    replica = object.__new__(ray_app.SegmenterReplica.func_or_class)
+    replica._gate = service.AdmissionGate(max_concurrent=ray_app.REPLICA_SLOTS, max_waiting=ray_app.REPLICA_SLOTS)
+    replica._batch = threading.Lock()
+    batch_context = getattr(replica, "_one_batch", replica._gate.admit_after_others)  # main: the gate alone
     lock, inside, peak = threading.Lock(), [0], [0]
 
     def run():  # as SegmenterReplica._run_everything: batch_context=self._gate.admit_after_others
         for _ in range(3):
-            with gate.admit_after_others():
+            with batch_context():
                 with lock:
                     inside[0] += 1
                     peak[0] = max(peak[0], inside[0])
