@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -68,6 +69,9 @@ FORWARDED_ENV = ("SAMHQ_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_")  # what repli
 # A replica's gate only tells an everything run who else is in (Ray's max_ongoing_requests bounds the requests)
 REPLICA_SLOTS = 1024
 POLL_SECONDS = 0.2  # how often the ingress looks whether the client of an everything run is still there
+# Everything runs one ingress sends on at once (each holds an ingress worker thread for the whole run: anyio has 40,
+# shared with every click); past it a 429 at once, as the plain app's gate answers (SAMHQ_RAY_EVERYTHING_RUNS)
+EVERYTHING_RUNS = 8
 
 
 def _env_number(name: str, default: float) -> float:
@@ -149,6 +153,7 @@ class SegmenterReplica:
         # who is working: a "segment everything" batch starts once no click is in (at most 5 s), so a click
         # arriving during a run waits for at most the batch that is running
         self._gate = service.AdmissionGate(max_concurrent=REPLICA_SLOTS, max_waiting=REPLICA_SLOTS)
+        self._batch = threading.Lock()  # one everything batch at a time on this replica, whatever the runs
         self._counts_lock = threading.Lock()
         self._everything = {"runs": 0, "finished": 0, "cancelled": 0, "batches": 0, "most_batches_during_a_click": 0}
         self.name = serve.get_replica_context().replica_id.unique_id
@@ -218,7 +223,7 @@ class SegmenterReplica:
             result = service.segment_everything(
                 self.registry,
                 **request,
-                batch_context=self._gate.admit_after_others,
+                batch_context=self._one_batch,
                 progress=batch_done,
                 cancelled=stop.is_set,
             )
@@ -228,6 +233,12 @@ class SegmenterReplica:
             raise
         count("finished")
         return result
+
+    @contextlib.contextmanager
+    def _one_batch(self):
+        """A batch's turn: after the clicks that are in (at most 5 s), and never beside another run's batch."""
+        with self._gate.admit_after_others(), self._batch:
+            yield
 
     def model_status(self) -> dict[str, str]:
         """Each served model's status on this replica: 'loaded', or why not (the ingress's /v1/models)."""
@@ -289,6 +300,7 @@ class Ingress:
         self.registry = ReplicaStatusRegistry(self.settings, segmenter)
         self.segmenter = segmenter
         self.retries = retries
+        self._everything_runs = threading.BoundedSemaphore(int(_env_number("SAMHQ_RAY_EVERYTHING_RUNS", EVERYTHING_RUNS)))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title=TITLE, version=VERSION)
@@ -316,7 +328,12 @@ class Ingress:
         id as a click). `batch_context` and `progress` are this process's callables and cannot cross to the
         replica: there the replica's own gate lets its clicks go first between batches. `cancelled` is read
         here; once true, the Ray call is cancelled and the replica stops the run before its next batch."""
-        return self._ask("everything", registry, image, model, options, cancelled or (lambda: False))
+        if not self._everything_runs.acquire(blocking=False):
+            raise service.OverloadedError("The server is busy segmenting everything for others. Retry in a few seconds.")
+        try:
+            return self._ask("everything", registry, image, model, options, cancelled or (lambda: False))
+        finally:
+            self._everything_runs.release()
 
     def _ask(
         self,
