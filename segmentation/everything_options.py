@@ -74,6 +74,12 @@ def _fail(message: str, name: str | None = None) -> InvalidPromptError:
     return InvalidPromptError(message, param=f"{PARAM}.{name}" if name else PARAM, code="invalid_everything_option")
 
 
+def _shown(raw: Any) -> str:
+    """The value as the error message quotes it: at most 40 characters (a number may have thousands of digits)."""
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_everything(value: Any) -> EverythingOptions:
     """`segment_everything` as sent: `true` (the defaults) or an object of knobs; every knob checked for
     its type and range, unknown names refused (a typo must not silently run the defaults)."""
@@ -100,11 +106,14 @@ def parse_everything(value: Any) -> EverythingOptions:
             raise _fail(f"{PARAM}.{name} must be a number, got {raw!r}.", name)
         if kind is int and (isinstance(raw, float) and not raw.is_integer()):
             raise _fail(f"{PARAM}.{name} must be a whole number, got {raw!r}.", name)
-        number = float(raw)
+        try:
+            number = float(raw)
+        except OverflowError:  # a JSON integer past a float's range: out of every range below
+            number = math.inf
         inside = (number >= low if low_in else number > low) and (number <= high if high_in else number < high)
         if not math.isfinite(number) or not inside:
             left, right = "[" if low_in else "(", "]" if high_in else ")"
             low_s, high_s = (f"{int(low)}", f"{int(high)}") if kind is int else (f"{low:g}", f"{high:g}")
-            raise _fail(f"{PARAM}.{name} must be in {left}{low_s}, {high_s}{right}, got {raw!r}.", name)
+            raise _fail(f"{PARAM}.{name} must be in {left}{low_s}, {high_s}{right}, got {_shown(raw)}.", name)
         checked[name] = int(number) if kind is int else number
     return EverythingOptions(**checked)
