@@ -13,12 +13,8 @@ from live_server import LiveServer
 @pytest.mark.parametrize("knob", ["min_mask_region_area", "points_per_side", "box_nms_thresh"])
 def test_a_huge_integer_knob_is_a_named_400(knob):
     app, _ = build_api()
-    raw = '{"model": "%s", "image_prompt": "%s", "segment_everything": {"%s": 1%s}}' % (
-        HQ_ID,
-        png_b64(),
-        knob,
-        "0" * 400,
-    )
+    digits = "1" + "0" * 400
+    raw = f'{{"model": "{HQ_ID}", "image_prompt": "{png_b64()}", "segment_everything": {{"{knob}": {digits}}}}}'
     with LiveServer(app) as server:
         answer = httpx.post(
             server.url + "/v1/images/segmentations",
