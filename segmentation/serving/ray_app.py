@@ -69,9 +69,9 @@ FORWARDED_ENV = ("SAMHQ_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_")  # what repli
 # A replica's gate only tells an everything run who else is in (Ray's max_ongoing_requests bounds the requests)
 REPLICA_SLOTS = 1024
 POLL_SECONDS = 0.2  # how often the ingress looks whether the client of an everything run is still there
-# Everything runs one ingress sends on at once (each holds an ingress worker thread for the whole run: anyio has 40,
-# shared with every click); past it a 429 at once, as the plain app's gate answers (SAMHQ_RAY_EVERYTHING_RUNS)
-EVERYTHING_RUNS = 8
+# A run that lost its replica is tried once more, not `retries` times: a picture whose run kills a replica (memory)
+# must not take the others down one by one
+EVERYTHING_RETRIES = 1
 
 
 def _env_number(name: str, default: float) -> float:
@@ -99,6 +99,7 @@ class RayOptions:
     max_ongoing: int = 16  # SAMHQ_RAY_MAX_ONGOING: requests a replica takes at once (merged decodes need > 1)
     ingress_replicas: int = 1  # SAMHQ_RAY_INGRESS_REPLICAS: API processes (no model; 4 segmentations each at once)
     retries: int = 3  # SAMHQ_RAY_RETRIES: tries on another replica when one dies mid-request
+    everything_runs: int = 8  # SAMHQ_RAY_EVERYTHING_RUNS: "segment everything" runs an ingress sends on at once
     batch: bool | None = None  # SAMHQ_RAY_BATCH: merge concurrent decodes on one picture: 1, 0, auto (= on a GPU)
 
     @classmethod
@@ -111,6 +112,7 @@ class RayOptions:
             "max_ongoing": int(_env_number("SAMHQ_RAY_MAX_ONGOING", cls.max_ongoing)),
             "ingress_replicas": int(_env_number("SAMHQ_RAY_INGRESS_REPLICAS", cls.ingress_replicas)),
             "retries": int(_env_number("SAMHQ_RAY_RETRIES", cls.retries)),
+            "everything_runs": int(_env_number("SAMHQ_RAY_EVERYTHING_RUNS", cls.everything_runs)),
             "batch": _env_auto_flag("SAMHQ_RAY_BATCH"),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
@@ -294,13 +296,20 @@ class ReplicaStatusRegistry(service.ModelRegistry):
 class Ingress:
     """The API process: our routes and error format; each segmentation goes to a Segmenter replica."""
 
-    def __init__(self, segmenter: DeploymentHandle, retries: int = RayOptions.retries):
+    def __init__(
+        self,
+        segmenter: DeploymentHandle,
+        retries: int = RayOptions.retries,
+        everything_runs: int = RayOptions.everything_runs,
+    ):
         # the registry names the served models and checks `model`; it never loads one in this process
         self.settings = dataclasses.replace(Settings.from_env(), device="cpu", preload_examples=False)
         self.registry = ReplicaStatusRegistry(self.settings, segmenter)
         self.segmenter = segmenter
         self.retries = retries
-        self._everything_runs = threading.BoundedSemaphore(int(_env_number("SAMHQ_RAY_EVERYTHING_RUNS", EVERYTHING_RUNS)))
+        # each everything run holds one of the ingress's worker threads (anyio's 40, shared with every click) for
+        # the whole run: past this many at once, a 429 at once, as the single-process app's gate answers
+        self._everything_runs = threading.BoundedSemaphore(max(1, everything_runs))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title=TITLE, version=VERSION)
@@ -329,9 +338,13 @@ class Ingress:
         replica: there the replica's own gate lets its clicks go first between batches. `cancelled` is read
         here; once true, the Ray call is cancelled and the replica stops the run before its next batch."""
         if not self._everything_runs.acquire(blocking=False):
-            raise service.OverloadedError("The server is busy segmenting everything for others. Retry in a few seconds.")
+            raise service.OverloadedError(
+                "The server is busy segmenting everything for others. Retry in a few seconds."
+            )
         try:
-            return self._ask("everything", registry, image, model, options, cancelled or (lambda: False))
+            return self._ask(
+                "everything", registry, image, model, options, cancelled or (lambda: False), EVERYTHING_RETRIES
+            )
         finally:
             self._everything_runs.release()
 
@@ -343,13 +356,16 @@ class Ingress:
         model: str | None,
         options: dict[str, Any],
         cancelled: Callable[[], bool] | None = None,
+        retries: int | None = None,
     ) -> service.SegmentResult:
-        """The replica's `method(request)`, retried on another replica when one dies mid-request."""
+        """The replica's `method(request)`, retried on another replica (at most `retries` times, default the
+        ingress's) when one dies mid-request."""
+        retries = self.retries if retries is None else min(retries, self.retries)
         name = registry.check_served(model)
         image = bytes(image)
         handle = self.segmenter.options(multiplexed_model_id=picture_id(name, image))
         request = {"image": image, "model": name, **options}
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 result, replica = _answer(getattr(handle, method).remote(request), cancelled)
             except RayTaskError as error:  # raised on the replica: our errors keep their type and status
@@ -357,8 +373,8 @@ class Ingress:
                     raise error.cause from None
                 raise
             except (RayActorError, ActorUnavailableError) as error:  # the replica died: Ray routes the retry elsewhere
-                log.warning("segmenter replica lost (%s); try %d of %d", error, attempt + 1, self.retries + 1)
-                if attempt < self.retries:
+                log.warning("segmenter replica lost (%s); try %d of %d", error, attempt + 1, retries + 1)
+                if attempt < retries:
                     time.sleep(0.1 * 2**attempt)
                 continue
             answered_by(replica)
@@ -396,7 +412,7 @@ def build(args: dict[str, Any] | None = None) -> serve.Application:
         num_replicas=options.ingress_replicas,
         max_ongoing_requests=max(16, 4 * options.max_ongoing),
         ray_actor_options={"num_cpus": 0},
-    ).bind(segmenter, options.retries)
+    ).bind(segmenter, options.retries, options.everything_runs)
 
 
 def runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
