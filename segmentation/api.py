@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import math
@@ -294,6 +295,9 @@ def everything_options(body: SegmentationRequest) -> EverythingOptions | None:
     return options
 
 
+_EVERYTHING_BUSY = "The server is busy segmenting everything for others. Retry in a minute."
+
+
 def create_router(
     registry: service.ModelRegistry,
     settings: Settings,
@@ -306,6 +310,7 @@ def create_router(
     offered where the models run in this process (`segment` is `service.segment`), refused elsewhere."""
     router = APIRouter(dependencies=[Depends(_auth_dependency(settings))], responses=_ERRORS)
     gate = service.AdmissionGate(max_concurrent=4, max_waiting=settings.max_queue)
+    everything_runs = service.JobSlots(settings.everything_runs)
     if everything is None and segment is service.segment:
         everything = service.segment_everything
 
@@ -383,8 +388,11 @@ def create_router(
                 log.info("segmentation for user %s with %s", loggable_user(body.user), body.model)
             return Response(build_response(result).model_dump_json(), media_type="application/json")
 
+        # an everything run holds a worker thread for its whole length: at most settings.everything_runs at once
+        slot = contextlib.nullcontext() if options is None else everything_runs.take(_EVERYTHING_BUSY)
         try:
-            return await run_in_threadpool(work if options is None else work_everything)
+            with slot:
+                return await run_in_threadpool(work if options is None else work_everything)
         except (service.ClientGone, Cancelled):
             log.info("dropped a request whose client left before it ran")
             return Response(status_code=499)  # nobody reads it

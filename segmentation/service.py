@@ -139,6 +139,24 @@ class ClientGone(Exception):
     """The client left while its request waited: it is dropped without running (nothing to answer)."""
 
 
+class JobSlots:
+    """At most `count` long jobs at once ("segment everything" runs), past it `OverloadedError` at once (429):
+    a run holds a worker thread for its whole length and takes the model gate once per batch, so unbounded runs
+    would hold every thread and fill the queue that clicks wait in."""
+
+    def __init__(self, count: int):
+        self._slots = threading.BoundedSemaphore(max(1, count))
+
+    @contextlib.contextmanager
+    def take(self, busy_message: str) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise OverloadedError(busy_message)
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
 class AdmissionGate:
     """Bounds the requests waiting for the model: past `max_waiting`, refuse at once (HTTP 429).
 

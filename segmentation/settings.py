@@ -65,6 +65,7 @@ class Settings:
     body_deadline: float = 120.0  # SAMHQ_BODY_DEADLINE: seconds a whole request body may take, then 408
     bodies_mb: int = 512  # SAMHQ_BODIES_MB: request body bytes in flight for all clients together, then 503
     max_queue: int = 16  # SAMHQ_MAX_QUEUE: requests waiting for the model before 429
+    everything_runs: int = 2  # SAMHQ_EVERYTHING_RUNS: API "segment everything" runs at once, then 429
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # SAMHQ_API_KEYS: comma-separated
     preload_examples: bool = True  # SAMHQ_PRELOAD_EXAMPLES: embed the example pictures at start-up
     compile: bool = False  # SAMHQ_COMPILE: torch.compile the image encoder at load
@@ -100,6 +101,7 @@ class Settings:
             body_deadline=_env_float("SAMHQ_BODY_DEADLINE", 120.0),
             bodies_mb=_env_int("SAMHQ_BODIES_MB", 512),
             max_queue=_env_int("SAMHQ_MAX_QUEUE", 16),
+            everything_runs=_env_int("SAMHQ_EVERYTHING_RUNS", 2),
             api_keys=tuple(_env_list("SAMHQ_API_KEYS")),
             preload_examples=_env_flag("SAMHQ_PRELOAD_EXAMPLES", True),
             compile=_env_flag("SAMHQ_COMPILE", False),

@@ -1,6 +1,6 @@
-"""The bounds of "segment everything" on Ray Serve that a live cluster cannot show cheaply: an ingress sends at
-most `RayOptions.everything_runs` runs on at once (429 past it, the rest of the API still answering), and a
-replica runs one everything batch at a time whatever the runs. The real `Ingress.everything` / `_ask` / `_answer`
+"""The bounds of "segment everything" on Ray Serve that a live cluster cannot show cheaply: the API (here the Ray
+ingress's) takes at most `Settings.everything_runs` runs at once (429 past it, the rest of the API still
+answering), and a replica runs one everything batch at a time whatever the runs. The real `Ingress.everything` / `_ask` / `_answer`
 and the replica's `_one_batch` run here; only the deployment handle is a stand-in (a run that lasts until the
 test lets it end). tests/test_ray_serve.py covers the same paths on a real cluster."""
 
@@ -63,12 +63,11 @@ def _wait_for(condition, seconds: float = 60.0) -> None:
 
 
 def test_runs_past_the_ingress_bound_are_429_and_the_api_still_answers():
-    settings = Settings(model=HQ_ID, models=(HQ_ID,), preload_examples=False, device="cpu")
+    bound = 3
+    settings = Settings(model=HQ_ID, models=(HQ_ID,), preload_examples=False, device="cpu", everything_runs=bound)
     ingress = object.__new__(ray_app.Ingress.func_or_class)  # the deployment's class, without Ray
     ingress.segmenter, ingress.retries, ingress.settings = _Handle(), 0, settings
     ingress.registry = service.ModelRegistry(settings)
-    bound = ray_app.RayOptions.everything_runs
-    ingress._everything_runs = threading.BoundedSemaphore(bound)
     app = FastAPI()
     install_api(app, ingress.registry, settings, segment=ingress.segment, everything=ingress.everything)
     body = {"model": HQ_ID, "image_prompt": png_b64(), "segment_everything": {"points_per_side": 2}}

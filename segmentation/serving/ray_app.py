@@ -99,7 +99,6 @@ class RayOptions:
     max_ongoing: int = 16  # SAMHQ_RAY_MAX_ONGOING: requests a replica takes at once (merged decodes need > 1)
     ingress_replicas: int = 1  # SAMHQ_RAY_INGRESS_REPLICAS: API processes (no model; 4 segmentations each at once)
     retries: int = 3  # SAMHQ_RAY_RETRIES: tries on another replica when one dies mid-request
-    everything_runs: int = 8  # SAMHQ_RAY_EVERYTHING_RUNS: "segment everything" runs an ingress sends on at once
     batch: bool | None = None  # SAMHQ_RAY_BATCH: merge concurrent decodes on one picture: 1, 0, auto (= on a GPU)
 
     @classmethod
@@ -112,7 +111,6 @@ class RayOptions:
             "max_ongoing": int(_env_number("SAMHQ_RAY_MAX_ONGOING", cls.max_ongoing)),
             "ingress_replicas": int(_env_number("SAMHQ_RAY_INGRESS_REPLICAS", cls.ingress_replicas)),
             "retries": int(_env_number("SAMHQ_RAY_RETRIES", cls.retries)),
-            "everything_runs": int(_env_number("SAMHQ_RAY_EVERYTHING_RUNS", cls.everything_runs)),
             "batch": _env_auto_flag("SAMHQ_RAY_BATCH"),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
@@ -296,20 +294,12 @@ class ReplicaStatusRegistry(service.ModelRegistry):
 class Ingress:
     """The API process: our routes and error format; each segmentation goes to a Segmenter replica."""
 
-    def __init__(
-        self,
-        segmenter: DeploymentHandle,
-        retries: int = RayOptions.retries,
-        everything_runs: int = RayOptions.everything_runs,
-    ):
+    def __init__(self, segmenter: DeploymentHandle, retries: int = RayOptions.retries):
         # the registry names the served models and checks `model`; it never loads one in this process
         self.settings = dataclasses.replace(Settings.from_env(), device="cpu", preload_examples=False)
         self.registry = ReplicaStatusRegistry(self.settings, segmenter)
         self.segmenter = segmenter
         self.retries = retries
-        # each everything run holds one of the ingress's worker threads (anyio's 40, shared with every click) for
-        # the whole run: past this many at once, a 429 at once, as the single-process app's gate answers
-        self._everything_runs = threading.BoundedSemaphore(max(1, everything_runs))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title=TITLE, version=VERSION)
@@ -337,16 +327,9 @@ class Ingress:
         id as a click). `batch_context` and `progress` are this process's callables and cannot cross to the
         replica: there the replica's own gate lets its clicks go first between batches. `cancelled` is read
         here; once true, the Ray call is cancelled and the replica stops the run before its next batch."""
-        if not self._everything_runs.acquire(blocking=False):
-            raise service.OverloadedError(
-                "The server is busy segmenting everything for others. Retry in a few seconds."
-            )
-        try:
-            return self._ask(
-                "everything", registry, image, model, options, cancelled or (lambda: False), EVERYTHING_RETRIES
-            )
-        finally:
-            self._everything_runs.release()
+        return self._ask(
+            "everything", registry, image, model, options, cancelled or (lambda: False), EVERYTHING_RETRIES
+        )
 
     def _ask(
         self,
@@ -412,7 +395,7 @@ def build(args: dict[str, Any] | None = None) -> serve.Application:
         num_replicas=options.ingress_replicas,
         max_ongoing_requests=max(16, 4 * options.max_ongoing),
         ray_actor_options={"num_cpus": 0},
-    ).bind(segmenter, options.retries, options.everything_runs)
+    ).bind(segmenter, options.retries)
 
 
 def runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
