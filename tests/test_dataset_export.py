@@ -149,9 +149,10 @@ def test_coco_files_load_in_pycocotools_and_give_the_masks_back(tmp_path):
     for annotation in annotations:
         mask = labels == annotation["object_number"]
         np.testing.assert_array_equal(rle.annToMask(annotation).astype(bool), mask)  # RLE: exact
-        assert rle.loadCats(annotation["category_id"])[0]["name"] == {1: "cat", 2: "dog", 4: "cat", 6: "bird"}[
-            annotation["object_number"]
-        ]
+        assert (
+            rle.loadCats(annotation["category_id"])[0]["name"]
+            == {1: "cat", 2: "dog", 4: "cat", 6: "bird"}[annotation["object_number"]]
+        )
         twin = polygons.loadAnns(annotation["id"])[0]
         assert twin["object_number"] == annotation["object_number"] and twin["bbox"] == annotation["bbox"]
         assert all(len(ring) >= 6 and len(ring) % 2 == 0 for ring in twin["segmentation"])

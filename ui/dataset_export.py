@@ -258,7 +258,9 @@ def _yolo_outline(rings: list[np.ndarray]) -> np.ndarray:
     if len(rings) > _TREE_RINGS:
         return _outline_to_largest(rings)
     rings = sorted(rings, key=len, reverse=True)
-    samples = [np.arange(0, len(r), max(1, len(r) // (_RING_SAMPLES if k else _MAIN_SAMPLES))) for k, r in enumerate(rings)]
+    samples = [
+        np.arange(0, len(r), max(1, len(r) // (_RING_SAMPLES if k else _MAIN_SAMPLES))) for k, r in enumerate(rings)
+    ]
     corners = [r[picked] for r, picked in zip(rings, samples)]
     distance = [0.0] + [
         float(((own[:, None, :] - corners[0][None, :, :]) ** 2).sum(axis=2).min()) for own in corners[1:]

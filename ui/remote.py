@@ -223,7 +223,9 @@ class RemoteBackend:
         self._answer(response, 1, "1x1")
         segments = sorted(response.data[0].segments, key=lambda s: s.value)
         if len(segments) > grid_points or [s.value for s in segments] != list(range(1, len(segments) + 1)):
-            raise self._bad_answer(f"{len(segments)} objects numbered otherwise than 1..n from a {grid_points}-point grid")
+            raise self._bad_answer(
+                f"{len(segments)} objects numbered otherwise than 1..n from a {grid_points}-point grid"
+            )
         points = []
         for segment in segments:
             point = segment.point
