@@ -29,7 +29,7 @@ from .errors import InvalidPromptError, ModelUnavailableError, ResourceExhausted
 from .images import DEFAULT_MAX_PIXELS, ImageInput, encoded_digest, load_image, pixel_hash
 from .masks import compose_label_map, object_stats, to_numpy_labels
 from .models import LoadedModel, half_precision_candidate, load_model, parse_dtype, resolve_device
-from .prompts import Prompt, layout_arrays, parse_prompt, to_model_coordinates
+from .prompts import Prompt, model_frame_arrays, parse_prompt
 
 log = logging.getLogger(__name__)
 
@@ -492,16 +492,13 @@ class Segmenter:
         for group in prompt.layout_groups():
             for first in range(0, len(group), max_batch):
                 rows = group[first : first + max_batch]
-                points, labels, boxes = layout_arrays([prompt.objects[i] for i in rows])
+                points, labels, boxes = model_frame_arrays([prompt.objects[i] for i in rows], *sizes)
                 points_t = labels_t = boxes_t = None
                 if points is not None:
-                    points_t = torch.as_tensor(
-                        to_model_coordinates(points, *sizes), dtype=self.dtype, device=self.device
-                    )
+                    points_t = torch.as_tensor(points, dtype=self.dtype, device=self.device)
                     labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
                 if boxes is not None:
-                    corners = to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4)
-                    boxes_t = torch.as_tensor(corners, dtype=self.dtype, device=self.device)
+                    boxes_t = torch.as_tensor(boxes, dtype=self.dtype, device=self.device)
                 output = self._run_decoder(embedding.features, points_t, labels_t, boxes_t)
                 ambiguous = torch.full((len(rows),), prompt.objects[rows[0]].ambiguous, device=self.device)
                 ranked = dec.rank_candidates(output, ambiguous, hq_token_only=hq_token_only)

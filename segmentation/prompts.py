@@ -256,6 +256,19 @@ def layout_arrays(objects: Sequence[ObjectPrompt]) -> tuple[np.ndarray | None, n
     return points, labels, boxes
 
 
+def model_frame_arrays(
+    objects: Sequence[ObjectPrompt], original_size: tuple[int, int], resized_size: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """`layout_arrays` with the points and the boxes' corners moved to the model's frame (`to_model_coordinates`):
+    what a decoder call takes."""
+    points, labels, boxes = layout_arrays(objects)
+    if points is not None:
+        points = to_model_coordinates(points, original_size, resized_size)
+    if boxes is not None:
+        boxes = to_model_coordinates(boxes.reshape(-1, 2, 2), original_size, resized_size).reshape(-1, 4)
+    return points, labels, boxes
+
+
 def to_model_coordinates(
     points: np.ndarray, original_size: tuple[int, int], resized_size: tuple[int, int]
 ) -> np.ndarray:

@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from segmentation import onnx_graph  # noqa: E402
-from segmentation.prompts import layout_arrays, to_model_coordinates  # noqa: E402
+from segmentation.prompts import model_frame_arrays  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4  # relative to the logits' size (the test checkpoints' are of order 1-10)
 
@@ -81,12 +81,7 @@ def test_each_prompt_shape_gives_the_engines_first_candidate(segmenter, sessions
     decoded = segmenter.decode(embedding, [o[0] for o in OBJECTS], [o[1] for o in OBJECTS], [o[2] for o in OBJECTS])
     sizes = (embedding.original_size, embedding.resized_size)
     for i, obj in enumerate(decoded.prompt.objects):
-        points, labels, boxes = layout_arrays([obj])
-        coords, kinds = onnx_graph.meta_prompt(
-            to_model_coordinates(points, *sizes) if points is not None else None,
-            labels,
-            to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4) if boxes is not None else None,
-        )
+        coords, kinds = onnx_graph.meta_prompt(*model_frame_arrays([obj], *sizes))
         logits, score = browser_session.run(
             None,
             {

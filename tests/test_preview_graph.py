@@ -17,7 +17,7 @@ pytest.importorskip("onnx")
 
 from segmentation import decoder as dec  # noqa: E402
 from segmentation import onnx_graph  # noqa: E402
-from segmentation.prompts import layout_arrays, to_model_coordinates  # noqa: E402
+from segmentation.prompts import model_frame_arrays  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4  # relative to the logits' size
 # one point (ambiguous: the multimask rule), one exclude point, several points, box + point
@@ -48,12 +48,7 @@ def test_sam_only_graph_gives_sams_first_candidate(segmenter, tmp_path):
     sizes = (embedding.original_size, embedding.resized_size)
     positions = dec.positional_tokens(segmenter.model)
     for i, obj in enumerate(decoded.prompt.objects):
-        points, labels, boxes = layout_arrays([obj])
-        coords, kinds = onnx_graph.meta_prompt(
-            to_model_coordinates(points, *sizes) if points is not None else None,
-            labels,
-            to_model_coordinates(boxes.reshape(-1, 2, 2), *sizes).reshape(-1, 4) if boxes is not None else None,
-        )
+        coords, kinds = onnx_graph.meta_prompt(*model_frame_arrays([obj], *sizes))
         logits, score = session.run(
             None, {"tokens": tokens, **projected, "point_coords": coords, "point_labels": kinds}
         )
