@@ -29,29 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import base64  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import httpx  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from benchmarks.browser_common import ARGS, CHROMIUM, median, picture  # noqa: E402
 
 MODEL_ID = "syscv-community/sam-hq-vit-base"
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
-
-
-def picture(width: int, height: int) -> bytes:
-    image = Image.open(ROOT / "assets" / "coffee.jpg").convert("RGB").resize((width, height))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def measure(page, http: httpx.Client, data: bytes, width: int, height: int, reps: int, tmp: Path) -> dict:

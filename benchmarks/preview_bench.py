@@ -32,19 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 # bench sets HF_HOME (a temporary cache) and offline mode before transformers is imported
-import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import httpx  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from benchmarks.bench import _HF_HOME, MODEL_ID, ROOT  # noqa: E402
-
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+from benchmarks.browser_common import ARGS, CHROMIUM, median, picture  # noqa: E402
 
 # the preview's mask against the server's for the active object, both at the page's preview size
 AGREEMENT = """() => {
@@ -64,17 +59,6 @@ AGREEMENT = """() => {
   return { iou: either ? both / either : 1, preview: preview / mask.length, server: server / mask.length, points,
     hovered: [last.x, last.y] };
 }"""
-
-
-def picture(width: int, height: int) -> bytes:
-    image = Image.open(ROOT / "assets" / "coffee.jpg").convert("RGB").resize((width, height))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def hover_and_click(page, x: float, y: float, width: int, height: int) -> dict:

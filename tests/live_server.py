@@ -9,6 +9,15 @@ import time
 import uvicorn
 
 
+def wait_for(condition, timeout: float, what: str):
+    """`condition()`'s first truthy value, polled every 50 ms; fails with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import httpx
 from api_fixtures import png_b64
 from conftest import HQ_ID
 from fastapi import FastAPI
-from live_server import LiveServer
+from live_server import LiveServer, wait_for
 
 from segmentation import service
 from segmentation.api import install_api
@@ -55,13 +55,6 @@ class _Handle:
         return _EndlessRun(self.release)
 
 
-def _wait_for(condition, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 def test_runs_past_the_ingress_bound_are_429_and_the_api_still_answers():
     bound = 3
     settings = Settings(model=HQ_ID, models=(HQ_ID,), preload_examples=False, device="cpu", everything_runs=bound)
@@ -75,7 +68,8 @@ def test_runs_past_the_ingress_bound_are_429_and_the_api_still_answers():
     with LiveServer(app) as server, ThreadPoolExecutor(n) as pool:
         try:
             futures = [pool.submit(httpx.post, server.url + ROUTE, json=body, timeout=60) for _ in range(n)]
-            _wait_for(lambda: sum(f.done() for f in futures) >= n - bound)  # the refused ones answer at once
+            # the refused ones answer at once
+            wait_for(lambda: sum(f.done() for f in futures) >= n - bound, 60, "the refused runs did not answer")
             refused = [f.result() for f in futures if f.done()]
             assert [r.status_code for r in refused] == [429] * (n - bound)
             assert refused[0].json()["error"]["type"] == "rate_limit_error"

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from api_fixtures import build_api, png_b64
 from conftest import HQ_ID, SAM_ID, make_picture
-from live_server import LiveServer, free_port
+from live_server import LiveServer, free_port, wait_for
 from test_sdk import SCRIPT
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -r requirements-ray.txt)")
@@ -344,14 +344,6 @@ def replica_stats(cluster):
 
 def everything_body(image: str, knobs: dict, **more) -> dict:
     return {"model": HQ_ID, "image_prompt": image, "segment_everything": knobs, **more}
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-    return value
 
 
 def test_segment_everything_answers_as_one_process(ray_url, one_process, tmp_path):
